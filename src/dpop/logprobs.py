@@ -1,0 +1,118 @@
+"""The one forward pass and the one log-prob routine, shared by train, sft, eval and the reference pass.
+
+The (tokens x vocab) logits never exist whole: the model's backbone gives hidden states, only the states
+that predict response tokens are gathered, and the lm head + log_softmax run over them in chunks. Under
+autograd each chunk is checkpointed, so the backward pass recomputes one chunk's logits at a time and the
+bound holds there too. log_softmax always runs in fp32, also under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from dpop.batching import PairBatch
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class SequenceLogps:
+    """Per-pair log-prob sums over response tokens, and the divergence-aware quantities (DPOP paper §3)."""
+
+    chosen: torch.Tensor  # (P,) sum of log πθ(y_w | x) over chosen tokens
+    rejected: torch.Tensor  # (P,)
+    chosen_lengths: torch.Tensor  # (P,) token counts
+    rejected_lengths: torch.Tensor  # (P,)
+    divergent_chosen_sum: torch.Tensor  # (P,) sum of chosen token log-probs from the first differing token on
+    divergent_chosen_count: torch.Tensor  # (P,) how many such tokens
+    shared_prefix: torch.Tensor  # (P,) log-prob of the response prefix chosen and rejected share
+    token_logps: torch.Tensor | None = None  # (M,) per token, ordered as the batch's target_ids
+
+    def divergent_chosen_mean(self) -> torch.Tensor:
+        """Mean per-token log-prob of y_w after the first token where y_w and y_l differ (DPOP Fig. 4);
+        NaN for a pair with no such token."""
+        count = self.divergent_chosen_count.to(self.divergent_chosen_sum.dtype)
+        return self.divergent_chosen_sum / count.where(count > 0, torch.nan)
+
+
+def backbone_and_head(model):
+    """(decoder stack that returns hidden states, lm head module) of a causal LM, PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def _finish_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """Apply the output scaling some architectures do after the lm head (Cohere, Granite, Gemma 2/3)."""
+    logits = logits.float()
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head, config) -> torch.Tensor:
+    logits = _finish_logits(head(hidden), config)  # (C, V) fp32
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (C,)
+
+
+def token_logps_chunked(hidden: torch.Tensor, targets: torch.Tensor, head, config,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """log p(target | hidden) for (M, H) states, chunk by chunk; (M,) fp32."""
+    pieces = []
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if recompute:
+            pieces.append(checkpoint(_chunk_token_logps, h, t, head, config, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(h, t, head, config))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def forward_hidden(model, batch: PairBatch) -> torch.Tensor:
+    """Run the decoder stack on a batch in any layout; returns (R, T, H) hidden states."""
+    backbone, _ = backbone_and_head(model)
+    output = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False)
+    return output.last_hidden_state
+
+
+def sequence_logps(model, batch: PairBatch, *, per_token: bool = False,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
+    """Sums of response-token log-probs per chosen/rejected sequence, token counts and the divergence
+    quantities, from one forward pass over `batch`."""
+    _, head = backbone_and_head(model)
+    hidden = forward_hidden(model, batch)  # (R, T, H)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (R*T, H)
+    selected = flat.index_select(0, batch.hidden_index)  # (M, H): only the states that predict responses
+    token_logps = token_logps_chunked(selected, batch.target_ids, head, model.config, chunk_tokens)  # (M,)
+    return reduce_token_logps(token_logps, batch, keep_tokens=per_token)
+
+
+def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_tokens: bool = False) -> SequenceLogps:
+    """Per-token log-probs (ordered as batch.target_ids) -> per-sequence sums and divergence quantities."""
+    num_pairs = batch.num_pairs
+    sums = token_logps.new_zeros(2 * num_pairs).index_add(0, batch.sequence_index, token_logps)
+    is_chosen = batch.sequence_index < num_pairs
+    pair = batch.sequence_index % num_pairs
+    after_divergence = is_chosen & (batch.token_position >= batch.divergence[pair])
+    before_divergence = is_chosen & ~after_divergence
+    zeros = token_logps.new_zeros(num_pairs)
+    divergent_sum = zeros.index_add(0, pair, token_logps * after_divergence)
+    divergent_count = token_logps.new_zeros(num_pairs, dtype=torch.long).index_add(0, pair, after_divergence.long())
+    shared_prefix = zeros.index_add(0, pair, token_logps * before_divergence)
+    return SequenceLogps(
+        chosen=sums[:num_pairs], rejected=sums[num_pairs:],
+        chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
+        divergent_chosen_sum=divergent_sum, divergent_chosen_count=divergent_count,
+        shared_prefix=shared_prefix, token_logps=token_logps if keep_tokens else None,
+    )

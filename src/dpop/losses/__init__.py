@@ -1,0 +1,195 @@
+"""Preference losses: pure functions of per-pair log-probs, registered once by name in LOSSES.
+
+The training loop calls one function and never branches on a loss name:
+
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        config.loss, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        beta=config.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        **loss_options(config.loss, config_dict))
+
+Inputs are per-pair SUMS of response-token log-probs, shape (B,), in any float dtype (the math runs in
+fp32, or fp64 for fp64 inputs); lengths are response token counts (B,). Each loss's docstring says which
+log-probs it compares (sums or length-averaged). Outputs are per-pair losses (B,) — the caller takes the
+mean — and the implicit rewards (B,), detached. A loss's options are the keyword-only parameters of its
+function, with their defaults; they are read from the signature here, so they are defined in one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dpop.errors import ConfigError
+from dpop.losses._common import LossOutput, Tensor
+from dpop.losses.reference_based import (cdpo_loss, dpo_loss, dpop_loss, dpop_penalty, hinge_loss, ipo_loss,
+                                         robust_loss, rpo_loss, sigmoid_norm_loss)
+from dpop.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
+from dpop.losses.trl_pairwise import (aot_loss, apo_down_loss, apo_zero_loss, bco_pair_loss, discopop_loss,
+                                      exo_pair_loss, nca_pair_loss, sppo_hard_loss)
+
+__all__ = ["LOSSES", "OPTION_HELP", "LossSpec", "dpop_penalty", "get_loss", "loss_option_defaults",
+           "loss_options", "preference_loss"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss. `options` maps each option name (the paper's symbol) to its default."""
+
+    name: str
+    fn: Callable[..., LossOutput]  # the pure function
+    options: Mapping[str, float]
+    reference_free: bool  # ref log-probs not used (may be None)
+    needs_lengths: bool  # needs response token counts
+    citation: str
+
+
+# What each option means, once; `--help` and config docs are generated from this.
+OPTION_HELP: dict[str, str] = {
+    "dpop_lambda": "DPOP's λ ≥ 0: weight of the penalty max(0, log πref(y_w|x) − log πθ(y_w|x)), "
+                   "subtracted from the margin inside the sigmoid (paper: 50)",
+    "label_smoothing": "ε in [0, 0.5): the assumed label-flip rate (robust: unbiased correction; "
+                       "cdpo and aot: smoothed label 1 − ε)",
+    "rpo_alpha": "RPO's α ≥ 0: weight of y_w's mean per-token NLL added to the DPO loss",
+    "simpo_gamma": "SimPO's γ ≥ 0: target margin between the β-scaled average log-probs",
+    "cpo_alpha": "CPO's α ≥ 0: weight of y_w's mean per-token NLL added to the CPO preference loss",
+    "exo_epsilon": "EXO's ε in (0, 1): label smoothing of the target distribution (paper: 1e-3)",
+    "discopop_tau": "DiscoPOP's τ > 0: temperature of the logistic/exponential mixing weight (paper: 0.05)",
+}
+
+_NOT_OPTIONS = {"beta", "chosen_lengths", "rejected_lengths"}
+
+
+def _spec(name: str, fn: Callable[..., LossOutput], citation: str) -> LossSpec:
+    """Build a LossSpec from the function's signature: 2 positional tensors = reference-free, 4 = reference-
+    based; `chosen_lengths` among its keywords = needs lengths; other keyword-only parameters = options."""
+    parameters = inspect.signature(fn).parameters.values()
+    positional = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    keywords = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
+    options = {key: float(default) for key, default in keywords.items() if key not in _NOT_OPTIONS}
+    return LossSpec(name=name, fn=fn, options=options, reference_free=len(positional) == 2,
+                    needs_lengths="chosen_lengths" in keywords, citation=citation)
+
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
+    _spec("dpo", dpo_loss, "Rafailov et al. 2023, eq. 7"),
+    _spec("dpop", dpop_loss, "Pal et al. 2024 (Smaug), eq. 3 (v2)"),
+    _spec("ipo", ipo_loss, "Azar et al. 2023, eq. 17, on length-averaged log-ratios"),
+    _spec("hinge", hinge_loss, "Zhao et al. 2023 (SLiC-HF), reference-normalised as in Liu et al. 2024 (RSO)"),
+    _spec("robust", robust_loss, "Chowdhury et al. 2024 (rDPO), the unbiased loss"),
+    _spec("cdpo", cdpo_loss, "Mitchell 2023, A note on DPO with noisy preferences (cDPO)"),
+    _spec("rpo", rpo_loss, "Pang et al. 2024 (Iterative RPO), the DPO+NLL loss"),
+    _spec("simpo", simpo_loss, "Meng et al. 2024 (SimPO), eq. 6"),
+    _spec("cpo", cpo_loss, "Xu et al. 2024 (CPO), eq. 3 + NLL"),
+    _spec("orpo", orpo_loss, "Hong et al. 2024 (ORPO), eqs. 4, 6, 7"),
+    _spec("bco_pair", bco_pair_loss, "Jung et al. 2024 (BCO), pairwise, reward shift δ = 0"),
+    _spec("sppo_hard", sppo_hard_loss, "Wu et al. 2024 (SPPO), eq. 4.7 with hard win probabilities"),
+    _spec("nca_pair", nca_pair_loss, "Chen et al. 2024 (NCA), K = 2"),
+    _spec("exo_pair", exo_pair_loss, "Ji et al. 2024 (EXO), eq. 16, K = 2"),
+    _spec("apo_zero", apo_zero_loss, "D'Oosterlinck et al. 2024 (APO), eq. 7"),
+    _spec("apo_down", apo_down_loss, "D'Oosterlinck et al. 2024 (APO), eq. 8"),
+    _spec("discopop", discopop_loss, "Lu et al. 2024 (DiscoPOP), eq. 5"),
+    _spec("aot", aot_loss, "Melnyk et al. 2024 (AOT), paired, hard sorting, logistic loss"),
+    _spec("sigmoid_norm", sigmoid_norm_loss,
+          "Rafailov et al. 2023, eq. 7 on length-averaged log-ratios (as in Lambert et al. 2024, Tülu 3)"),
+]}
+
+
+def get_loss(name: str) -> LossSpec:
+    """The LossSpec registered as `name`; ConfigError naming the nearest valid names otherwise."""
+    spec = LOSSES.get(name) if isinstance(name, str) else None
+    if spec is None:
+        close = difflib.get_close_matches(str(name), list(LOSSES), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"unknown loss {name!r}.{hint} Valid losses: {', '.join(LOSSES)}")
+    return spec
+
+
+def loss_option_defaults() -> dict[str, float]:
+    """Every option of every loss with its default: the config keys the losses need."""
+    defaults: dict[str, float] = {}
+    for spec in LOSSES.values():
+        defaults.update(spec.options)
+    return defaults
+
+
+def _option_float(loss: str, option: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"loss {loss!r}: option {option} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"loss {loss!r}: option {option} must be a number, got {value!r}") from None
+
+
+def _unknown_option_error(spec: LossSpec, option: str) -> ConfigError:
+    valid = f"its options are: {', '.join(spec.options)}" if spec.options else "it takes no options"
+    owners = [s.name for s in LOSSES.values() if option in s.options]
+    elsewhere = f" ({option} belongs to: {', '.join(owners)})" if owners else ""
+    return ConfigError(f"loss {spec.name!r} has no option {option!r}{elsewhere}; {valid}")
+
+
+def loss_options(name: str, source: Mapping[str, Any] | Any) -> dict[str, float]:
+    """Pick the options `name` declares from a config-like mapping (or an object with attributes);
+    a missing or None value gives the loss's default. Keys of other losses are ignored."""
+    spec = get_loss(name)
+    picked = {}
+    for option, default in spec.options.items():
+        value = source.get(option) if isinstance(source, Mapping) else getattr(source, option, None)
+        picked[option] = default if value is None else _option_float(name, option, value)
+    return picked
+
+
+def _check_tensors(name: str, tensors: dict[str, Tensor | None]) -> None:
+    shapes = {key: tuple(t.shape) for key, t in tensors.items() if t is not None}
+    if len(set(shapes.values())) > 1 or any(len(shape) != 1 for shape in shapes.values()):
+        listed = ", ".join(f"{key} {list(shape)}" for key, shape in shapes.items())
+        raise ValueError(f"loss {name!r}: inputs must all have shape (B,); got {listed}")
+
+
+def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                    ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *, beta: float,
+                    chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                    **options: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair (losses, chosen_rewards, rejected_rewards), each shape (B,), of the loss registered as `name`.
+
+    Args:
+        name: a key of LOSSES.
+        policy_chosen_logps, policy_rejected_logps: log πθ(y_w|x), log πθ(y_l|x), summed over response tokens.
+        ref_chosen_logps, ref_rejected_logps: the same under πref; may be None for a reference-free loss.
+        beta: β > 0 (ORPO: the weight λ of its odds-ratio term).
+        chosen_lengths, rejected_lengths: response token counts; required when the loss needs_lengths.
+        **options: the loss's options (see LOSSES[name].options); omitted ones take their defaults.
+    Raises:
+        ConfigError: unknown loss or option, or a value out of range (user-fixable).
+        ValueError: missing reference log-probs or lengths, or mismatched shapes (caller's bug).
+    """
+    spec = get_loss(name)
+    for option in options:
+        if option not in spec.options:
+            raise _unknown_option_error(spec, option)
+    values = {option: _option_float(name, option, value) for option, value in options.items()}
+    beta = _option_float(name, "beta", beta)
+    if not beta > 0:
+        raise ConfigError(f"loss {name!r}: beta must be > 0, got {beta}")
+
+    if spec.reference_free:
+        args = (policy_chosen_logps, policy_rejected_logps)
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"loss {name!r} is reference-based: ref_chosen_logps and ref_rejected_logps "
+                             "are required (use a reference-free loss such as simpo, cpo or orpo to skip them)")
+        args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if spec.needs_lengths:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss {name!r} needs chosen_lengths and rejected_lengths (response token counts)")
+        values.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    _check_tensors(name, {"policy_chosen_logps": policy_chosen_logps,
+                          "policy_rejected_logps": policy_rejected_logps,
+                          "ref_chosen_logps": ref_chosen_logps if not spec.reference_free else None,
+                          "ref_rejected_logps": ref_rejected_logps if not spec.reference_free else None,
+                          "chosen_lengths": chosen_lengths if spec.needs_lengths else None,
+                          "rejected_lengths": rejected_lengths if spec.needs_lengths else None})
+    return spec.fn(*args, beta=beta, **values)

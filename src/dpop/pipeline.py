@@ -1,0 +1,115 @@
+"""Data for a run: load and validate every row (or make the builtin task), tokenise, and schedule batches.
+
+Nothing here writes to the run directory: a data error stops the run before anything exists on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dpop.batching import PairBatch, collate
+from dpop.data.tokenize import TokenizedData, TokenizedPair, tokenize_pairs
+
+
+@dataclass(frozen=True)
+class RunData:
+    train: TokenizedData
+    eval: TokenizedData | None
+    description: str  # where the data came from, for logs
+
+
+def _load(path, config) -> list:
+    from dpop.config import parse_columns
+    from dpop.data import load_pairs
+
+    loaded = load_pairs(path, columns=parse_columns(config.columns))
+    if loaded.skipped:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in loaded.skipped.items())
+        print(f"dpop: {path}: skipped {skipped}")
+    return loaded.pairs
+
+
+def _builtin_task(config, split: str, n: int) -> list:
+    from dpop.data import pairs_from_rows
+    from dpop.tasks.arithmetic import make_pairs
+
+    rows = make_pairs(n, edit=config.task_edit, seed=config.seed, split=split)
+    return pairs_from_rows(rows, name=f"arithmetic-{config.task_edit}-{split}").pairs
+
+
+def load_run_data(config, tokenizer) -> RunData:
+    """Validate all rows of the train (and eval) data, then tokenise them; dropped pairs are reported."""
+    if config.data is None:
+        # sft gets its own split of problems, so a demo's SFT never sees the DPO pairs' problems
+        train_pairs = _builtin_task(config, "sft" if config.loss == "sft" else "train", config.task_pairs)
+        description = f"builtin arithmetic task ({config.task_pairs} {config.task_edit}-edit pairs)"
+        eval_pairs = (_builtin_task(config, "eval", max(16, min(200, config.task_pairs // 5)))
+                      if config.eval_data is None else _load(config.eval_data, config))
+    else:
+        train_pairs = _load(config.data, config)
+        description = str(config.data)
+        eval_pairs = _load(config.eval_data, config) if config.eval_data else None
+    train = _tokenize(train_pairs, tokenizer, config, "train")
+    evaluation = _tokenize(eval_pairs, tokenizer, config, "eval") if eval_pairs else None
+    return RunData(train, evaluation, description)
+
+
+def _tokenize(pairs, tokenizer, config, name: str) -> TokenizedData:
+    from dpop.errors import DataError
+
+    data = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
+                          max_prompt_length=config.max_prompt_length, progress=len(pairs) > 2000)
+    if data.dropped:
+        dropped = ", ".join(f"{n} ({reason})" for reason, n in data.dropped.items())
+        print(f"dpop: {name} data: dropped {sum(data.dropped.values())} of {len(pairs)} pairs: {dropped}")
+    if data.truncated:
+        print(f"dpop: {name} data: {data.truncated} pairs truncated to max_length {config.max_length}")
+    if not data.pairs:
+        raise DataError([f"{name} data: no pairs left after tokenization (max_length {config.max_length})"],
+                        header="no usable data")
+    return data
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
+    """The pair order of one epoch: a permutation that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_pairs, generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    epoch: int
+    index: int  # micro-batch index inside its epoch
+    pair_indices: list[int]
+
+
+def micro_batches(num_pairs: int, batch_size: int, seed: int, *, start_epoch: int = 0, start_index: int = 0):
+    """Endless stream of micro-batches, epoch after epoch, resumable at (epoch, index)."""
+    epoch, index = start_epoch, start_index
+    while True:
+        order = epoch_order(num_pairs, seed, epoch)
+        per_epoch = math.ceil(num_pairs / batch_size)
+        while index < per_epoch:
+            yield MicroBatch(epoch, index, order[index * batch_size:(index + 1) * batch_size])
+            index += 1
+        epoch, index = epoch + 1, 0
+
+
+def steps_per_epoch(num_pairs: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(math.ceil(num_pairs / batch_size) / grad_accum)
+
+
+def make_batch(pairs: list[TokenizedPair], indices, *, layout: str, pad_id: int, with_rejected: bool = True,
+               pack_length: int | None = None) -> PairBatch:
+    return collate([pairs[i] for i in indices], layout=layout, pad_id=pad_id, with_rejected=with_rejected,
+                   pack_length=pack_length)
+
+
+def ordered_batches(pairs: list[TokenizedPair], batch_size: int, **layout):
+    """Batches in file order (evaluation, and the reference pass of eval data)."""
+    for start in range(0, len(pairs), batch_size):
+        indices = list(range(start, min(start + batch_size, len(pairs))))
+        yield make_batch(pairs, indices, **layout), indices
