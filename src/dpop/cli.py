@@ -6,6 +6,9 @@
     dpop generate --model M --prompt TEXT        or --data FILE for batched generation
     dpop data make arithmetic --n N --edit low|high --seed S --out FILE
     dpop data doctor FILE                        validation, lengths, duplicates, edit distances, advice
+    dpop report RUN_DIR [RUN_DIR ...]            plots and an HTML page from metrics.jsonl
+    dpop landscape --loss dpo|dpop --out FILE    loss surface and gradient field over (x1, x2)
+    dpop bt fit TABLE.csv                        Bradley–Terry strengths and win probabilities
     dpop models fetch                            prepare the builtin model cache (what `make` runs)
 """
 
@@ -15,6 +18,28 @@ import argparse
 import sys
 
 from dpop.errors import DpopError
+
+
+def _add_eval_command(sub) -> None:
+    evaluate = sub.add_parser("eval", help="Evaluate a model on preference pairs.",
+                              description="Pair accuracy (the model prefers y_w), implicit-reward accuracy and "
+                                          "chosen-delta against a reference, mean log-probs, the divergent-token "
+                                          "log-prob, and answer accuracy (batched greedy generation) when the rows "
+                                          "carry an `answer` (the builtin task does).")
+    evaluate.add_argument("--model", default=None, help="Model dir, .gguf or builtin name (default: smollm2-135m).")
+    evaluate.add_argument("--data", default=None,
+                          help="Pairs file (default: 200 problems of the builtin task's eval split).")
+    evaluate.add_argument("--ref-model", default=None,
+                          help="Reference model for implicit rewards (default: none; reward metrics are skipped).")
+    evaluate.add_argument("--beta", type=float, default=0.3, help="β for implicit rewards (default: 0.3).")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="Pairs per batch (default: 16).")
+    evaluate.add_argument("--max-length", type=int, default=1024, help="Token limit per sequence (default: 1024).")
+    evaluate.add_argument("--max-new-tokens", type=int, default=128, help="Generation length for answer accuracy.")
+    evaluate.add_argument("--no-generate", action="store_true", help="Skip answer accuracy (no generation).")
+    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="(default: auto)")
+    evaluate.add_argument("--out", default=None, help="Write the results as JSON here.")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help="Allow custom model code.")
+    evaluate.set_defaults(run=_run_eval)
 
 
 def _add_data_commands(sub) -> None:
@@ -84,6 +109,38 @@ def _add_training_commands(sub) -> None:
         command.set_defaults(run=_run_train if name == "train" else _run_sft)
 
 
+def _add_analysis_commands(sub) -> None:
+    report = sub.add_parser("report", help="Plots and an HTML page from runs' metrics.jsonl.",
+                            description="Build plots (chosen/rejected log-probs, chosen-delta, margins, accuracies, "
+                                        "loss, divergent-token log-prob) and a self-contained report.html.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run directories holding metrics.jsonl.")
+    report.add_argument("--out", default=None,
+                        help="Output dir (default: the run dir for one run, ./dpop-report for several).")
+    report.add_argument("--title", default="dpop report", help="Page title.")
+    report.set_defaults(run=_run_report)
+
+    landscape = sub.add_parser("landscape", help="Loss surface and gradient field over (x1, x2).",
+                               description="Draw the loss over x1 = πθ(y_w)/πref(y_w) and x2 = πθ(y_l)/πref(y_l) "
+                                           "with the descent field: DPO shrinks x2 far faster than it grows x1; "
+                                           "DPOP pushes x1 back above 1.")
+    landscape.add_argument("--loss", choices=["dpo", "dpop", "both"], default="both", help="Loss to draw (default: both).")
+    landscape.add_argument("--out", default="landscape.png", help="Image file: .png, .svg or .pdf (default: landscape.png).")
+    landscape.add_argument("--beta", type=float, default=0.3, help="β (default: 0.3).")
+    landscape.add_argument("--dpop-lambda", type=float, default=50.0, help="λ of DPOP (default: 50).")
+    landscape.set_defaults(run=_run_landscape)
+
+    bt = sub.add_parser("bt", help="Bradley–Terry fitting.", description="Bradley–Terry fitting.")
+    bt_sub = bt.add_subparsers(dest="bt_command", metavar="COMMAND", required=True)
+    fit = bt_sub.add_parser("fit", help="Fit strengths from a win table and print win probabilities.",
+                            description="Fit Bradley–Terry strengths (P(i beats j) = σ(r_i − r_j)) by maximum "
+                                        "likelihood from a CSV with header winner,loser[,count].")
+    fit.add_argument("table", help="CSV file: winner,loser,count.")
+    fit.add_argument("--prior-sd", type=float, default=None,
+                     help="Gaussian prior on strengths (default: none; used automatically, and said so, when the "
+                          "maximum-likelihood fit does not exist).")
+    fit.set_defaults(run=_run_bt_fit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpop", description="Preference training for causal language models: DPO, DPO-Positive and family.",
@@ -92,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpop {__import__('dpop').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_training_commands(sub)
+    _add_eval_command(sub)
     _add_generate_command(sub)
     _add_data_commands(sub)
+    _add_analysis_commands(sub)
     _add_model_commands(sub)
     return parser
 
@@ -123,6 +182,33 @@ def _run_models_fetch(args) -> int:
     path = prepare_builtin(BUILTINS[args.name], force=args.force)
     print(f"{args.name}: {path}")
     return 0
+
+
+def _run_report(args) -> int:
+    from dpop.report import build_report
+
+    print(f"wrote {build_report(args.run_dirs, args.out, title=args.title)}")
+    return 0
+
+
+def _run_landscape(args) -> int:
+    from dpop.landscape import draw_landscape
+
+    print(f"wrote {draw_landscape(args.loss, args.out, beta=args.beta, dpop_lambda=args.dpop_lambda)}")
+    return 0
+
+
+def _run_bt_fit(args) -> int:
+    from dpop.bt import fit_table
+
+    print(fit_table(args.table, prior_sd=args.prior_sd))
+    return 0
+
+
+def _run_eval(args) -> int:
+    from dpop.evaluate import run_eval
+
+    return run_eval(args)
 
 
 def _run_generate(args) -> int:

@@ -40,21 +40,36 @@ def _builtin_task(config, split: str, n: int) -> list:
     return pairs_from_rows(rows, name=f"arithmetic-{config.task_edit}-{split}").pairs
 
 
-def load_run_data(config, tokenizer) -> RunData:
-    """Validate all rows of the train (and eval) data, then tokenise them; dropped pairs are reported."""
+@dataclass(frozen=True)
+class RunPairs:
+    """Validated (not yet tokenised) pairs of a run."""
+
+    train: list
+    eval: list | None
+    description: str
+
+
+def load_run_pairs(config) -> RunPairs:
+    """Validate every row of the train (and eval) data, or make the builtin task. Runs before any model
+    is loaded, so bad data is reported at once."""
     if config.data is None:
         # sft gets its own split of problems, so a demo's SFT never sees the DPO pairs' problems
-        train_pairs = _builtin_task(config, "sft" if config.loss == "sft" else "train", config.task_pairs)
+        train = _builtin_task(config, "sft" if config.loss == "sft" else "train", config.task_pairs)
         description = f"builtin arithmetic task ({config.task_pairs} {config.task_edit}-edit pairs)"
-        eval_pairs = (_builtin_task(config, "eval", max(16, min(200, config.task_pairs // 5)))
+        evaluation = (_builtin_task(config, "eval", max(16, min(200, config.task_pairs // 5)))
                       if config.eval_data is None else _load(config.eval_data, config))
     else:
-        train_pairs = _load(config.data, config)
+        train = _load(config.data, config)
         description = str(config.data)
-        eval_pairs = _load(config.eval_data, config) if config.eval_data else None
-    train = _tokenize(train_pairs, tokenizer, config, "train")
-    evaluation = _tokenize(eval_pairs, tokenizer, config, "eval") if eval_pairs else None
-    return RunData(train, evaluation, description)
+        evaluation = _load(config.eval_data, config) if config.eval_data else None
+    return RunPairs(train, evaluation, description)
+
+
+def tokenize_run_pairs(pairs: RunPairs, tokenizer, config) -> RunData:
+    """Tokenise train and eval pairs; dropped and truncated pairs are reported."""
+    train = _tokenize(pairs.train, tokenizer, config, "train")
+    evaluation = _tokenize(pairs.eval, tokenizer, config, "eval") if pairs.eval else None
+    return RunData(train, evaluation, pairs.description)
 
 
 def _tokenize(pairs, tokenizer, config, name: str) -> TokenizedData:

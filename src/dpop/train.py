@@ -27,7 +27,8 @@ from dpop.errors import ConfigError
 from dpop.logprobs import sequence_logps
 from dpop.losses import LOSSES, loss_options, preference_loss
 from dpop.metrics import FailureModeWatch, MetricsLog, PairStats, record_pairs, summarize_pairs
-from dpop.pipeline import load_run_data, make_batch, micro_batches, ordered_batches, steps_per_epoch
+from dpop.pipeline import load_run_pairs, make_batch, micro_batches, ordered_batches, steps_per_epoch,
+                           tokenize_run_pairs
 from dpop.reference import (CachedReference, LiveReference, cache_key, cache_path_for, model_fingerprint,
                             pairs_fingerprint, precompute)
 
@@ -166,9 +167,10 @@ def setup(config: TrainConfig) -> Run:
     precision = resolve_precision(config.precision)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               cpu=not torch.cuda.is_available())
+    pairs = load_run_pairs(config)  # every row validated before a model is loaded or a file written
     torch.manual_seed(config.seed)
     model, tokenizer = _build_model(config)
-    data = load_run_data(config, tokenizer)  # every row validated before anything is written
+    data = tokenize_run_pairs(pairs, tokenizer, config)
     if config.overwrite and run_dir.exists() and not config.resume:
         shutil.rmtree(run_dir)
     per_epoch = steps_per_epoch(len(data.train.pairs), config.batch_size, config.grad_accum)

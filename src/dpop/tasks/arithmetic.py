@@ -129,7 +129,7 @@ def _solution_text(lines: list[str], answer: int) -> str:
 # --- templates: each draws its numbers from rng and returns (numbers, question, steps) -----------------
 
 def _shopping(rng: random.Random, name: str, he: str):
-    count, price, bag = rng.randint(2, 6), rng.randint(2, 9), rng.randint(3, 20)
+    count, price, bag = rng.randint(2, 5), rng.randint(2, 9), rng.randint(2, 9)
     question = (f"{name} buys {count} pens that cost ${price} each and a bag that costs ${bag}. "
                 f"How many dollars does {he} spend?")
     steps = (Step("The pens cost ", count, "×", price, " dollars."),
@@ -138,7 +138,7 @@ def _shopping(rng: random.Random, name: str, he: str):
 
 
 def _apples(rng: random.Random, name: str, he: str):
-    bags, per_bag = rng.randint(2, 6), rng.randint(2, 9)
+    bags, per_bag = rng.randint(2, 5), rng.randint(2, 9)
     eaten = rng.randint(1, min(9, bags * per_bag - 1))
     question = (f"{name} has {bags} bags with {per_bag} apples in each bag. {he.capitalize()} eats "
                 f"{eaten} apples. How many apples are left?")
@@ -148,7 +148,7 @@ def _apples(rng: random.Random, name: str, he: str):
 
 
 def _trip(rng: random.Random, name: str, he: str):
-    speed, hours, extra = 10 * rng.randint(2, 9), rng.randint(2, 5), rng.randint(2, 30)
+    speed, hours, extra = 10 * rng.randint(2, 9), rng.randint(2, 4), rng.randint(2, 9)
     question = (f"{name} rides a bus that travels {speed} km each hour for {hours} hours, then walks "
                 f"{extra} km. How many km does {he} travel in total?")
     steps = (Step("The bus covers ", speed, "×", hours, " km."),
@@ -157,7 +157,7 @@ def _trip(rng: random.Random, name: str, he: str):
 
 
 def _cookies(rng: random.Random, name: str, he: str):
-    friends, each = rng.randint(2, 6), rng.randint(2, 9)
+    friends, each = rng.randint(2, 5), rng.randint(2, 9)
     baked = rng.randint(1, friends * each - 2)  # at least 2 cookies to start with
     question = (f"{name} has {friends * each - baked} cookies and bakes {baked} more. {he.capitalize()} "
                 f"shares them equally among {friends} friends. How many cookies does each friend get?")
@@ -167,8 +167,8 @@ def _cookies(rng: random.Random, name: str, he: str):
 
 
 def _pages(rng: random.Random, name: str, he: str):
-    per_day, days = rng.randint(3, 12), rng.randint(2, 6)
-    book = per_day * days + rng.randint(1, 40)
+    per_day, days = rng.randint(2, 9), rng.randint(2, 5)
+    book = per_day * days + rng.randint(1, 20)
     question = (f"A book has {book} pages. {name} reads {per_day} pages a day for {days} days. "
                 f"How many pages are left to read?")
     steps = (Step(f"{name} reads ", per_day, "×", days, " pages."),
@@ -177,9 +177,9 @@ def _pages(rng: random.Random, name: str, he: str):
 
 
 def _savings(rng: random.Random, name: str, he: str):
-    weekly, weeks, gift = rng.randint(2, 9), rng.randint(2, 6), rng.randint(2, 20)
+    weekly, weeks, gift = rng.randint(2, 9), rng.randint(2, 5), rng.randint(2, 9)
     saved = weekly * weeks + gift
-    spent = rng.randint(1, saved - 1)
+    spent = rng.randint(1, min(20, saved - 1))
     question = (f"{name} saves ${weekly} every week for {weeks} weeks and gets a ${gift} gift. "
                 f"Then {he} spends ${spent} on a game. How many dollars does {he} have left?")
     steps = (Step(f"{name} saves ", weekly, "×", weeks, " dollars."),
@@ -189,7 +189,7 @@ def _savings(rng: random.Random, name: str, he: str):
 
 
 def _teams(rng: random.Random, name: str, he: str):
-    size, teams, balls = rng.randint(2, 5), rng.randint(2, 6), rng.randint(2, 4)
+    size, teams, balls = rng.randint(2, 5), rng.randint(2, 5), rng.randint(2, 4)
     girls = rng.randint(1, size * teams - 1)
     boys = size * teams - girls
     question = (f"{name}'s class has {girls} girls and {boys} boys. They make teams of {size}, and each "
