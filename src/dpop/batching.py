@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dpop.data.tokenize import TokenizedPair
+from dpop.textdiff import first_difference
 
 LAYOUTS = ("plain", "shared", "packed")
 
@@ -46,14 +47,6 @@ class PairBatch:
     def to(self, device) -> "PairBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return PairBatch(**moved)
-
-
-def common_prefix_length(a, b) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def collate(pairs: list[TokenizedPair], *, layout: str = "plain", pad_id: int = 0, with_rejected: bool = True,
@@ -153,7 +146,7 @@ def _build(rows: list[list[_Segment]], pairs: list[TokenizedPair], *, pad_id: in
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         sequence_index=torch.tensor(sequence_index, dtype=torch.long),
         token_position=torch.tensor(token_position, dtype=torch.long),
-        divergence=torch.tensor([common_prefix_length(p.chosen_ids, p.rejected_ids) for p in pairs]),
+        divergence=torch.tensor([first_difference(p.chosen_ids, p.rejected_ids) for p in pairs]),
         chosen_lengths=torch.tensor([len(p.chosen_ids) for p in pairs]),
         rejected_lengths=torch.tensor([len(p.rejected_ids) if with_rejected else 0 for p in pairs]),
         num_pairs=num_pairs, num_input_tokens=int((block_id >= 0).sum()), with_rejected=with_rejected,

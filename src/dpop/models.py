@@ -216,6 +216,7 @@ def load_model(name_or_path=None, *, dtype=None, trust_remote_code: bool = False
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
+    _refuse_remote_code(path, trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=dtype or torch.float32, attn_implementation=attn_implementation)
     try:
@@ -231,6 +232,19 @@ def load_model(name_or_path=None, *, dtype=None, trust_remote_code: bool = False
         raise ModelError(f"cannot load a model from {path}: {message}") from error
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """A model dir whose config maps to its own Python code is refused unless the user trusts it."""
+    if trust_remote_code or path.suffix == ".gguf":
+        return
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path / 'config.json'}: {_first_line(error)}") from error
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise ModelError(f"{path} needs custom Python code from the model dir (config.json has auto_map); "
+                         "pass --trust-remote-code only if you trust that code")
 
 
 def _first_line(error: BaseException) -> str:

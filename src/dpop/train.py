@@ -27,8 +27,8 @@ from dpop.errors import ConfigError
 from dpop.logprobs import sequence_logps
 from dpop.losses import LOSSES, loss_options, preference_loss
 from dpop.metrics import FailureModeWatch, MetricsLog, PairStats, record_pairs, summarize_pairs
-from dpop.pipeline import load_run_pairs, make_batch, micro_batches, ordered_batches, steps_per_epoch,
-                           tokenize_run_pairs
+from dpop.pipeline import (load_run_pairs, make_batch, micro_batches, ordered_batches, steps_per_epoch,
+                           tokenize_run_pairs)
 from dpop.reference import (CachedReference, LiveReference, cache_key, cache_path_for, model_fingerprint,
                             pairs_fingerprint, precompute)
 

@@ -49,13 +49,13 @@ def examine(path, *, tokenizer=None, columns=None, split=None, max_length: int =
     """Load and validate `path` (raises DataError listing bad rows) and measure it."""
     from dpop.data import load_pairs
     from dpop.data.tokenize import tokenize_pair, truncate_pair
-    from dpop.textdiff import normalised_edit_distance
+    from dpop.textdiff import normalized_edit_distance
 
     loaded = load_pairs(path, columns=columns, split=split)
     pairs = loaded.pairs
     triples = Counter((_key(p.prompt), _key(p.chosen), _key(p.rejected)) for p in pairs)
     prompts = Counter(_key(p.prompt) for p in pairs)
-    distances = [normalised_edit_distance(_response_text(p.chosen), _response_text(p.rejected)) for p in pairs]
+    distances = [normalized_edit_distance(_response_text(p.chosen), _response_text(p.rejected)) for p in pairs]
     lengths = {"prompt": [], "chosen": [], "rejected": []}
     dropped = Counter()
     if tokenizer is not None:
