@@ -1,0 +1,167 @@
+"""`dpop demo`: the DPOP paper's finding, reproduced on the builtin model and task, with a report.
+
+    dpop demo --quick            # ~3 minutes: low-edit case only, fewer steps
+    dpop demo --out runs/demo    # full: low-edit and high-edit cases (make demo)
+
+Stages: (1) make the data (disjoint sft / train / eval problem splits); (2) SFT on chosen answers of the
+sft split, to teach the answer format; (3) from the SFT model as policy and reference, a dpo run and a
+dpop run on the same pairs with the same seed, batch and learning rate; (4) evaluate SFT, DPO and DPOP on
+held-out problems; the full mode repeats (3)-(4) on high-edit-distance pairs, the contrast case. Then
+summary.json, report.html with plots and a reading of the numbers, and a table in the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dpop.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    cases: tuple[str, ...]  # "low", "high"
+    sft_pairs: int
+    sft_steps: int
+    pairs: int  # preference pairs per case
+    steps: int  # preference steps per run
+    eval_problems: int
+    batch_size: int = 8
+    sft_learning_rate: float = 2e-5
+    learning_rate: float = 5e-6
+    beta: float = 0.3  # the DPOP paper's defaults
+    dpop_lambda: float = 50.0
+    max_new_tokens: int = 96
+
+
+QUICK = DemoPlan(cases=("low",), sft_pairs=160, sft_steps=20, pairs=200, steps=25, eval_problems=48)
+FULL = DemoPlan(cases=("low", "high"), sft_pairs=480, sft_steps=60, pairs=800, steps=80, eval_problems=128)
+CASE_KEYS = {"low": "low_edit", "high": "high_edit"}
+
+
+def _stage(number: int, total: int, text: str) -> None:
+    print(f"\n[{number}/{total}] {text}", flush=True)
+
+
+def _write_data(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
+    from dpop.tasks.arithmetic import make_pairs, write_jsonl
+
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    files = {"sft": write_jsonl(make_pairs(plan.sft_pairs, edit="low", seed=seed, split="sft"), data / "sft.jsonl")}
+    for case in plan.cases:
+        files[f"{case}_train"] = write_jsonl(make_pairs(plan.pairs, edit=case, seed=seed, split="train"),
+                                             data / f"{case}_train.jsonl")
+        files[f"{case}_eval"] = write_jsonl(make_pairs(plan.eval_problems, edit=case, seed=seed, split="eval"),
+                                            data / f"{case}_eval.jsonl")
+    return files
+
+
+def _base_config(plan: DemoPlan, seed: int, quick: bool) -> TrainConfig:
+    return TrainConfig(batch_size=plan.batch_size, seed=seed, beta=plan.beta, dpop_lambda=plan.dpop_lambda,
+                       max_length=256, max_prompt_length=128, precision="auto", overwrite=True,
+                       log_every=1, save_every=0, eval_every=0 if quick else max(1, plan.steps // 4))
+
+
+def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, model: str | None = None,
+             plan: DemoPlan | None = None) -> dict:
+    """Run every stage; returns the summary also written to OUT/summary.json. `model` and `plan` exist for
+    tests (a tiny model, a few steps); the demo itself is the builtin model with QUICK or FULL."""
+    from dpop.train import train
+
+    plan = plan or (QUICK if quick else FULL)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    total = 3 + len(plan.cases)
+    base = _base_config(plan, seed, quick)
+    if model is not None:
+        base = replace(base, model=model)
+    _stage(1, total, f"data: {plan.sft_pairs} SFT problems, {plan.pairs} pairs per case "
+                     f"({', '.join(c + '-edit' for c in plan.cases)}), {plan.eval_problems} held-out problems")
+    files = _write_data(out, plan, seed)
+    _stage(2, total, f"SFT on chosen answers ({plan.sft_steps} steps, lr {plan.sft_learning_rate:g})")
+    train(replace(base, loss="sft", data=str(files["sft"]), output_dir=str(out / "sft"), max_steps=plan.sft_steps,
+                  learning_rate=plan.sft_learning_rate, warmup_steps=max(1, plan.sft_steps // 10)))
+    sft_model = str(out / "sft" / "final")
+    runs = {}
+    for i, case in enumerate(plan.cases):
+        _stage(3 + i, total, f"{case}-edit pairs: dpo and dpop from the SFT model ({plan.steps} steps each, "
+                             f"β {plan.beta}, λ {plan.dpop_lambda:g}, lr {plan.learning_rate:g})")
+        for loss in ("dpo", "dpop"):
+            run_dir = out / f"{case}_edit" / loss
+            train(replace(base, loss=loss, model=sft_model, data=str(files[f"{case}_train"]),
+                          eval_data=str(files[f"{case}_eval"]), output_dir=str(run_dir), max_steps=plan.steps,
+                          learning_rate=plan.learning_rate, warmup_steps=max(1, plan.steps // 10)))
+            runs[(case, loss)] = run_dir
+    _stage(total, total, "evaluation on held-out problems: answers (greedy) and pair log-probs")
+    summary = _evaluate_all(out, plan, files, sft_model, runs)
+    summary["meta"] = {"quick": quick, "seed": seed, "plan": plan.__dict__ | {"cases": list(plan.cases)},
+                       "minutes": round((time.perf_counter() - started) / 60, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from dpop.demo_report import write_demo_report
+
+    report = write_demo_report(out, summary, runs)
+    print(format_table(summary))
+    print(f"\nreport: {report}\nsummary: {out / 'summary.json'}  ({summary['meta']['minutes']} min)")
+    return summary
+
+
+def _evaluate_all(out: Path, plan: DemoPlan, files: dict, sft_model: str, runs: dict) -> dict:
+    from dpop.data import load_pairs
+    from dpop.evaluate import evaluate_model
+    from dpop.models import load_model
+
+    reference, tokenizer = load_model(sft_model)
+    summary = {}
+    answers = {}  # the SFT model's answers are the same for every case: the problems are the same
+    for case in plan.cases:
+        pairs = load_pairs(files[f"{case}_eval"]).pairs
+        results = {}
+        for name, model_dir in [("sft", sft_model)] + [(loss, runs[(case, loss)] / "final") for loss in ("dpo", "dpop")]:
+            model = reference if name == "sft" else load_model(str(model_dir))[0]
+            generate = not (name == "sft" and "sft" in answers)
+            metrics = evaluate_model(model, tokenizer, pairs, ref_model=reference, beta=plan.beta,
+                                     batch_size=32, max_length=256, max_prompt_length=128, generate=generate,
+                                     max_new_tokens=plan.max_new_tokens, precision="auto", progress=True)
+            if name == "sft":
+                answers.setdefault("sft", (metrics["answer_accuracy"], metrics["num_answer_rows"]))
+                metrics["answer_accuracy"], metrics["num_answer_rows"] = answers["sft"]
+            results[name] = _summary_entry(metrics)
+        summary[CASE_KEYS[case]] = results
+    return summary
+
+
+def _summary_entry(metrics: dict) -> dict:
+    n = metrics["num_answer_rows"]
+    accuracy = metrics["answer_accuracy"]
+    return {"answer_accuracy": accuracy, "answer_correct": round(accuracy * n) if accuracy is not None else None,
+            "answer_total": n, "pair_accuracy": metrics["pair_accuracy"],
+            "reward_accuracy": metrics["rewards/accuracies"], "chosen_delta": metrics["logps/chosen_delta"],
+            "margin": metrics["rewards/margins"], "divergent_chosen_logp": metrics["tokens/divergent_chosen_logp"],
+            "logps_chosen": metrics["logps/chosen"], "logps_rejected": metrics["logps/rejected"],
+            "num_pairs": metrics["num_pairs"]}
+
+
+def format_table(summary: dict) -> str:
+    from dpop.report import wilson_interval
+
+    header = f"{'case':<10}{'model':<6}{'answer acc (95% CI)':<28}{'pair acc':>9}{'chosen Δ':>10}{'margin':>9}{'div. logp':>11}"
+    lines = ["", header, "-" * len(header)]
+    for case, models in summary.items():
+        if case == "meta":
+            continue
+        for name, m in models.items():
+            lo, hi = wilson_interval(m["answer_correct"] or 0, m["answer_total"] or 0)
+            accuracy = (f"{m['answer_accuracy']:.3f} ({m['answer_correct']}/{m['answer_total']}, {lo:.2f}-{hi:.2f})"
+                        if m["answer_accuracy"] is not None else "n/a")
+            lines.append(f"{case:<10}{name:<6}{accuracy:<28}{_num(m['pair_accuracy'], 9, 3)}"
+                         f"{_num(m['chosen_delta'], 10, 2)}{_num(m['margin'], 9, 3)}{_num(m['divergent_chosen_logp'], 11, 3)}")
+    return "\n".join(lines)
+
+
+def _num(value, width: int, digits: int) -> str:
+    return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else f"{'n/a':>{width}}"
