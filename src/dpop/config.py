@@ -1,10 +1,15 @@
 """One typed config for `dpop train` and `dpop sft`: YAML keys and --flags share names.
 
-Each option is documented once, in its field's `help`, and `--help` is generated from it. YAML uses the
-underscore form (`max_steps: 10`), flags the dashed form (`--max-steps 10`); flags override the file.
-Unknown keys and out-of-range values are errors that name the key and suggest the nearest valid one.
+Each option is documented once, in its field's `help`, and `--help` is generated from it. The loss options
+(dpop_lambda, label_smoothing, ...) and the list of losses come from `dpop.losses`, where they are defined:
+their fields default to None (= the loss's own default, made concrete by `resolve`), and their help is
+rendered from dpop.losses when help is printed, because that module imports torch and every `dpop` command
+builds this parser.
+YAML uses the underscore form (`max_steps: 10`), flags the dashed form (`--max-steps 10`); flags override
+the file. Unknown keys and out-of-range values are errors that name the key and suggest the nearest valid one.
 
     dpop train config.yaml --beta 0.1 --loss dpo
+    dpop train --output-dir runs/a --resume        # the run's own config.yaml is the base; flags override it
 """
 
 from __future__ import annotations
@@ -19,35 +24,50 @@ from typing import Any
 
 from dpop.errors import ConfigError
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+# Keys that may change when a run is resumed: they do not change the math of the steps already taken.
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "max_steps", "epochs", "eval_every", "save_every",
+                               "keep_checkpoints", "log_every", "report_to", "eval_data", "eval_batch_size",
+                               "gradient_checkpointing", "compile"})
 
-def _opt(default, help: str, *, choices=None, minimum=None, exclusive_minimum=None, maximum=None, yaml_only=False):
+
+def _opt(default, help: str | None, *, choices=None, minimum=None, exclusive_minimum=None, maximum=None,
+         exclusive_maximum=None, **extra):
     return field(default=default, metadata=dict(help=help, choices=choices, minimum=minimum,
                                                  exclusive_minimum=exclusive_minimum, maximum=maximum,
-                                                 yaml_only=yaml_only))
+                                                 exclusive_maximum=exclusive_maximum, **extra))
+
+
+def _loss_opt(name: str, **bounds):
+    """A loss option: its help and default live in dpop.losses (OPTION_HELP, loss_option_defaults); None here
+    means that default. Bounds are checked for every loss, so a bad value fails before a model loads even
+    when the chosen loss ignores the option."""
+    return _opt(None, None, loss_option=name, **bounds)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train, on what ---
     model: str = _opt("smollm2-135m", "Policy model: builtin name, local HF model dir or .gguf file.")
-    ref_model: str | None = _opt(None, "Reference model (e.g. an SFT model, Pre-DPO style). Default: the initial policy.")
-    data: str | None = _opt(None, "Training pairs (JSONL/JSON/CSV/Parquet/datasets dir). Default: the builtin arithmetic task.")
-    eval_data: str | None = _opt(None, "Held-out pairs evaluated every eval_every steps. Default with the builtin task: its eval split.")
-    output_dir: str = _opt("runs/train", "Run directory (config.yaml, metrics.jsonl, checkpoints/, final/).")
-    columns: str | None = _opt(None, "Column mapping for the data files, e.g. 'prompt=question,chosen=good,rejected=bad'.")
+    ref_model: str | None = _opt(None, "Reference model, e.g. an SFT run's final/ (none = the initial policy).")
+    data: str | None = _opt(None, "Training pairs: JSONL/JSON/CSV/Parquet file or datasets dir (none = the builtin arithmetic task).")
+    eval_data: str | None = _opt(None, "Held-out pairs evaluated every eval_every steps and at the end (none = no evaluation, except with the builtin task: its eval split).")
+    output_dir: str = _opt("runs/train", "Run directory (config.yaml, metrics.jsonl, checkpoints/, final/, summary.json).")
+    columns: str | None = _opt(None, "Column mapping for the data files, e.g. 'prompt=question,chosen=good,rejected=bad' (none = the standard names).")
     task_pairs: int = _opt(1000, "Pairs generated for the builtin task when no data is given.", minimum=1)
     task_edit: str = _opt("low", "Edit distance of the builtin task's rejected answers.", choices=("low", "high"))
     # --- the loss ---
-    loss: str = _opt("dpop", "Loss: dpo, dpop, ipo, hinge, robust, cdpo, rpo, simpo, cpo, orpo, bco_pair, sppo_hard, "
-                             "nca_pair, exo_pair, apo_zero, apo_down, discopop, aot, sigmoid_norm (sft for `dpop sft`).")
-    beta: float = _opt(0.3, "β: strength of the implicit KL constraint (DPOP paper default 0.3).", exclusive_minimum=0.0)
-    dpop_lambda: float = _opt(50.0, "λ of DPOP: weight of max(0, log πref(y_w) − log πθ(y_w)) inside the sigmoid.", minimum=0.0)
-    label_smoothing: float = _opt(0.0, "ε: assumed label-flip rate (robust, cdpo, exo_pair).", minimum=0.0, maximum=0.5)
-    rpo_alpha: float = _opt(1.0, "α of RPO (DPO+NLL): weight of the chosen NLL per token.", minimum=0.0)
-    simpo_gamma: float = _opt(0.5, "γ of SimPO: target reward margin.", minimum=0.0)
-    cpo_alpha: float = _opt(1.0, "α of CPO: weight of the chosen NLL.", minimum=0.0)
-    orpo_lambda: float = _opt(0.1, "λ of ORPO: weight of the odds-ratio term.", minimum=0.0)
-    discopop_tau: float = _opt(0.05, "τ of DiscoPOP: temperature of the log-ratio modulation.", exclusive_minimum=0.0)
+    loss: str = _opt("dpop", "Preference loss (sft = cross-entropy on the chosen responses, what `dpop sft` runs).",
+                     choices_from_losses=True)
+    beta: float = _opt(0.3, "β > 0: strength of the implicit KL constraint (DPOP paper: 0.3); ORPO: the weight λ "
+                            "of its odds-ratio term.", exclusive_minimum=0.0)
+    dpop_lambda: float | None = _loss_opt("dpop_lambda", minimum=0.0)
+    label_smoothing: float | None = _loss_opt("label_smoothing", minimum=0.0, exclusive_maximum=0.5)
+    rpo_alpha: float | None = _loss_opt("rpo_alpha", minimum=0.0)
+    simpo_gamma: float | None = _loss_opt("simpo_gamma", minimum=0.0)
+    cpo_alpha: float | None = _loss_opt("cpo_alpha", minimum=0.0)
+    exo_epsilon: float | None = _loss_opt("exo_epsilon", exclusive_minimum=0.0, exclusive_maximum=1.0)
+    discopop_tau: float | None = _loss_opt("discopop_tau", exclusive_minimum=0.0)
     # --- optimisation ---
     learning_rate: float = _opt(1e-6, "Peak learning rate.", exclusive_minimum=0.0)
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
@@ -55,48 +75,59 @@ class TrainConfig:
     scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
     warmup_steps: int = _opt(0, "Linear warmup steps.", minimum=0)
     epochs: float = _opt(1.0, "Passes over the data (ignored when max_steps is set).", exclusive_minimum=0.0)
-    max_steps: int | None = _opt(None, "Stop after this many optimizer steps.", minimum=1)
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (none = as many as epochs take).", minimum=1)
     batch_size: int = _opt(8, "Pairs per micro-batch.", minimum=1)
     grad_accum: int = _opt(1, "Micro-batches per optimizer step.", minimum=1)
+    eval_batch_size: int | None = _opt(None, "Pairs per evaluation batch (none = 4 × batch_size: evaluation "
+                                             "keeps no activations for a backward pass).", minimum=1)
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
     max_length: int = _opt(1024, "Max tokens of prompt + one response; responses are cut at the end.", minimum=2)
-    max_prompt_length: int = _opt(512, "Max prompt tokens; prompts keep their end.", minimum=1)
+    max_prompt_length: int | None = _opt(None, "Max prompt tokens; prompts keep their end (none = max_length // 2).",
+                                         minimum=1)
     precision: str = _opt("auto", "fp32, or bf16 autocast with fp32 master weights; auto = bf16 where the hardware "
                                   "has fast bf16 (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else fp32.",
                           choices=("auto", "fp32", "bf16"))
     dropout: bool = _opt(False, "Keep the model's dropout on (off by default: it makes policy and reference disagree).")
-    seed: int = _opt(0, "Seed for data order, sampling and initialisation.")
+    seed: int = _opt(0, "Seed for data order and initialisation (LoRA adapters).")
     # --- reference ---
-    ref_strategy: str = _opt("precompute", "precompute: one no-grad pass before training, cached on disk; "
-                                           "model: a live frozen copy; lora: the policy with adapters disabled.",
+    ref_strategy: str = _opt("precompute", "precompute: one no-grad pass before training, cached on disk "
+                                           "($DPOP_CACHE/reference); model: a live frozen copy; lora: the policy "
+                                           "with its adapters disabled (needs lora_r > 0).",
                              choices=("precompute", "model", "lora"))
     # --- speed ---
     layout: str = _opt("shared", "Batch layout: plain (2 rows per pair), shared (prompt once, prefix sharing), "
                                  "packed (shared + several pairs per row).", choices=("plain", "shared", "packed"))
     chunk_tokens: int = _opt(1024, "Response tokens per lm-head chunk when computing log-probs.", minimum=1)
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
-    compile: bool = _opt(False, "torch.compile the model.")
+    compile: bool = _opt(False, "torch.compile the decoder stack.")
     # --- bookkeeping ---
     log_every: int = _opt(1, "Log metrics every N optimizer steps.", minimum=1)
     eval_every: int = _opt(0, "Evaluate on eval_data every N steps (0 = only at the end).", minimum=0)
-    save_every: int = _opt(0, "Write a checkpoint every N steps (0 = only the final model).", minimum=0)
+    save_every: int = _opt(0, "Write a checkpoint every N steps and at the end (0 = only the final model).", minimum=0)
     keep_checkpoints: int = _opt(2, "Keep the last K checkpoints.", minimum=1)
     resume: bool = _opt(False, "Continue the run in output_dir from its last checkpoint.")
     overwrite: bool = _opt(False, "Replace an existing run in output_dir.")
-    report_to: str = _opt("none", "Trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or none).")
-    num_processes: int = _opt(1, "Local processes (launched through accelerate).", minimum=1)
+    report_to: str = _opt("none", f"Trackers, comma-separated: {', '.join(TRACKERS)} (or none); each needs its package.")
+    num_processes: int = _opt(1, "Processes; only 1 is supported so far.", minimum=1, maximum=1)
     lora_r: int = _opt(0, "LoRA rank (0 = full fine-tune).", minimum=0)
-    lora_alpha: float = _opt(16.0, "LoRA alpha.", exclusive_minimum=0.0)
-    lora_target: str = _opt("all-linear", "LoRA target modules, comma-separated, or all-linear.")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (the adapters' scale is alpha / r).", exclusive_minimum=0.0)
+    lora_target: str = _opt("all-linear", "LoRA target modules, comma-separated names, or all-linear.")
     trust_remote_code: bool = _opt(False, "Allow custom model code from the model dir.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(name for name in _split_list(self.report_to) if name != "none")
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
 
 def _field_type(f) -> type:
-    hints = typing.get_type_hints(TrainConfig)
-    hint = hints[f.name]
+    hint = typing.get_type_hints(TrainConfig)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -111,40 +142,74 @@ def _coerce(f, value):
     if value is None:
         if f.default is None:
             return None
-        raise ConfigError(f"{f.name}: must not be empty")
+        raise ConfigError(f"{f.name}: must not be empty (default: {_default(f)})")
     try:
         if kind is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
             if isinstance(value, (bool, int)) and value in (0, 1):
                 return bool(value)
             raise ValueError(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind is int and isinstance(value, str):
+            return int(float(value)) if float(value).is_integer() else int(value)
+        if kind is str and not isinstance(value, str):
+            raise ValueError(value)
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{f.name}: expected {kind.__name__}, got {value!r}") from None
 
 
+def _choices(f) -> tuple[str, ...] | None:
+    if f.metadata.get("choices_from_losses"):
+        from dpop.losses import LOSSES
+
+        return (*LOSSES, "sft")
+    return f.metadata.get("choices")
+
+
+def _default(f):
+    """A field's default as --help shows it (a loss option's comes from dpop.losses)."""
+    if f.metadata.get("loss_option"):
+        from dpop.losses import loss_option_defaults
+
+        return loss_option_defaults()[f.metadata["loss_option"]]
+    return f.default
+
+
+def _help_text(f) -> str:
+    """A field's help with its default (and its choices, when there are many to show)."""
+    text = f.metadata["help"]
+    if f.metadata.get("loss_option"):
+        from dpop.losses import OPTION_HELP
+
+        text = OPTION_HELP[f.metadata["loss_option"]] + "."
+    choices = _choices(f)
+    shown = f" Choices: {', '.join(choices)}." if choices and len(choices) > 3 else ""
+    return f"{text} (default: {_default(f)}){shown}"
+
+
 def _check_range(f, value) -> None:
+    """Choices and bounds; the message names the key, the rule and the nearest valid value where one exists."""
     meta = f.metadata
     if value is None:
         return
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(meta['choices'])}"
-                          f"{_suggest(str(value), meta['choices'])}")
+    choices = _choices(f)
+    if choices and value not in choices:
+        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}{_suggest(str(value), choices)}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
-        raise ConfigError(f"{f.name}: must be >= {meta['minimum']}, got {value}")
-    if meta.get("exclusive_minimum") is not None and value <= meta["exclusive_minimum"]:
-        raise ConfigError(f"{f.name}: must be > {meta['exclusive_minimum']}, got {value}")
+        raise ConfigError(f"{f.name}: must be >= {meta['minimum']}, got {value}; the nearest valid value is "
+                          f"{meta['minimum']} (default: {_default(f)})")
     if meta.get("maximum") is not None and value > meta["maximum"]:
-        raise ConfigError(f"{f.name}: must be <= {meta['maximum']}, got {value}")
+        raise ConfigError(f"{f.name}: must be <= {meta['maximum']}, got {value}; the nearest valid value is "
+                          f"{meta['maximum']} (default: {_default(f)})")
+    if meta.get("exclusive_minimum") is not None and not value > meta["exclusive_minimum"]:
+        raise ConfigError(f"{f.name}: must be > {meta['exclusive_minimum']}, got {value} (default: {_default(f)})")
+    if meta.get("exclusive_maximum") is not None and not value < meta["exclusive_maximum"]:
+        raise ConfigError(f"{f.name}: must be < {meta['exclusive_maximum']}, got {value} (default: {_default(f)})")
 
 
 def make_config(values: dict[str, Any], base: type = TrainConfig):
@@ -152,7 +217,7 @@ def make_config(values: dict[str, Any], base: type = TrainConfig):
     by_name = {f.name: f for f in fields(base)}
     resolved = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in by_name:
             raise ConfigError(f"unknown config key '{key}'{_suggest(name, by_name)}")
         value = _coerce(by_name[name], value)
@@ -164,16 +229,58 @@ def make_config(values: dict[str, Any], base: type = TrainConfig):
 
 
 def _check_consistency(config) -> None:
-    from dpop.losses import LOSSES
-
-    if config.loss not in LOSSES and config.loss != "sft":
-        raise ConfigError(f"loss: unknown loss '{config.loss}'{_suggest(config.loss, LOSSES)}; "
-                          f"choose one of {', '.join(LOSSES)}")
-    if config.max_prompt_length >= config.max_length:
-        raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) must be below max_length "
-                          f"({config.max_length}) to leave room for the response")
+    prompt_limit = config.max_prompt_length
+    if prompt_limit is not None and prompt_limit >= config.max_length:
+        raise ConfigError(f"max_prompt_length ({prompt_limit}) must be below max_length ({config.max_length}) to "
+                          f"leave room for the response; try max_prompt_length {config.max_length // 2}")
     if config.ref_strategy == "lora" and config.lora_r == 0:
-        raise ConfigError("ref_strategy: 'lora' needs LoRA on (set lora_r > 0)")
+        raise ConfigError("ref_strategy: 'lora' needs LoRA on (set lora_r > 0), or use 'precompute'")
+    if config.ref_strategy == "lora" and config.ref_model:
+        raise ConfigError("ref_strategy: 'lora' uses the policy's own base weights as the reference; drop ref_model "
+                          "or use ref_strategy 'precompute' or 'model'")
+    if config.resume and config.overwrite:
+        raise ConfigError("resume and overwrite contradict each other: --resume continues the run in output_dir, "
+                          "--overwrite deletes it")
+    names = _split_list(config.report_to)
+    for name in names:
+        if name not in (*TRACKERS, "none"):
+            raise ConfigError(f"report_to: unknown tracker '{name}'{_suggest(name, TRACKERS)}; "
+                              f"choose from {', '.join(TRACKERS)} or none")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"report_to: 'none' cannot be combined with trackers, got {config.report_to!r}")
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' where the hardware has fast bf16 (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else 'fp32'."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """The config with every automatic value made concrete (what RUN/config.yaml records)."""
+    from dpop.losses import loss_option_defaults
+
+    options = {name: default if getattr(config, name) is None else getattr(config, name)
+               for name, default in loss_option_defaults().items()}
+    return dataclasses.replace(
+        config, **options, precision=resolve_precision(config.precision),
+        eval_batch_size=config.eval_batch_size or 4 * config.batch_size,
+        max_prompt_length=config.max_prompt_length or config.max_length // 2)
+
+
+def differences(saved: TrainConfig, given: TrainConfig, *, ignore=RESUMABLE_CHANGES) -> list[str]:
+    """'key: saved -> given' for each key that differs, except those in `ignore`."""
+    old, new = saved.to_dict(), given.to_dict()
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in old if key not in ignore and old[key] != new[key]]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -196,34 +303,81 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def write_yaml(config, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConfig) -> None:
     """One --flag per config field, help and default from the field itself. Flags default to None
-    (= not given), so a YAML file's value is only overridden by flags the user actually typed."""
+    (= not given), so a YAML file's value is only overridden by flags the user actually typed.
+    Abbreviated flags are refused (a flag is exactly its YAML key), and an unknown flag is an error that
+    suggests the nearest valid one."""
     parser.add_argument("config_file", nargs="?", help="YAML file with config keys (flags override it).")
     for f in fields(base):
-        if f.metadata.get("yaml_only"):
-            continue
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        lazy = f.metadata.get("loss_option") or f.metadata.get("choices_from_losses")
+        help_text = "(from dpop.losses)" if lazy else _help_text(f).replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            action = parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                         help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=str, default=None, metavar=kind.__name__.upper(),
-                                choices=None, help=help_text)
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices and len(choices) <= 3 else kind.__name__.upper()
+            action = parser.add_argument(flag, dest=f.name, type=str, default=None, metavar=metavar, help=help_text)
+        action.dpop_field = f
+    parser.formatter_class = _ConfigHelpFormatter
+    parser.allow_abbrev = False
+    _refuse_unknown_flags(parser, base)
+
+
+class _ConfigHelpFormatter(argparse.HelpFormatter):
+    """Renders each config flag's help from its field when help is printed (the loss options' from dpop.losses,
+    which is imported only then)."""
+
+    def _get_help_string(self, action):
+        f = getattr(action, "dpop_field", None)
+        return super()._get_help_string(action) if f is None else _help_text(f).replace("%", "%%")
+
+
+def _refuse_unknown_flags(parser: argparse.ArgumentParser, base: type) -> None:
+    """argparse hands a subcommand's unknown flags to the top-level parser, which reports them without a hint;
+    catch them here and name the nearest valid flag."""
+    flags = ["--" + f.name.replace("_", "-") for f in fields(base)]
+    parse_known_args = parser.parse_known_args
+
+    def parse_known_args_checked(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        for extra in extras:
+            if extra.startswith("-"):
+                flag = extra.split("=", 1)[0]
+                parser.error(f"unknown option {flag}{_suggest(flag, flags)}")
+        return namespace, extras
+
+    parser.parse_known_args = parse_known_args_checked
 
 
 def config_from_args(args: argparse.Namespace, base: type = TrainConfig, overrides: dict | None = None):
+    """Config from (in increasing priority) the defaults, the run's saved config.yaml when resuming, the YAML
+    file, `overrides` and the flags given."""
     values = read_yaml(args.config_file) if getattr(args, "config_file", None) else {}
     values.update(overrides or {})
     for f in fields(base):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = _parse_flag(f, given)
-    return make_config(values, base)
+    saved = _saved_config_values(values)
+    return make_config({**saved, **values}, base)
+
+
+def _saved_config_values(values: dict[str, Any]) -> dict[str, Any]:
+    """On --resume, the run's own config.yaml, so `dpop train --output-dir RUN --resume` needs no other flag."""
+    resume = values.get("resume")
+    if not (resume is True or str(resume).lower() in ("1", "true", "yes", "on")):
+        return {}
+    saved = Path(str(values.get("output_dir", TrainConfig.output_dir))) / "config.yaml"
+    if not saved.is_file():
+        return {}
+    return {key: value for key, value in read_yaml(saved).items() if key not in ("resume", "overwrite")}
 
 
 def _parse_flag(f, text):

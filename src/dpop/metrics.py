@@ -1,5 +1,12 @@
-"""Metric names (DESIGN.md §6), their computation from a step's log-probs, the JSONL log and the
-failure-mode watch."""
+"""Metric names (DESIGN.md §6), their computation from a step's log-probs, the JSONL log, the trackers and
+the failure-mode watch.
+
+Train rows of metrics.jsonl carry every key of ALL_KEYS (null where a value does not exist, e.g. reference
+log-probs under a reference-free loss) plus `"split": "train"`; eval rows carry the same pair keys prefixed
+`eval/`, plus `eval/pair_accuracy`, `step` and `"split": "eval"`. Beyond §6, `dpop/penalized_chosen_reward`
+is DESIGN §1's penalised chosen reward β·(lw − rw − λ·max(0, rw − lw)), with λ = the loss's dpop_lambda
+(0 for losses without one, where it equals rewards/chosen).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dpop.errors import ConfigError
 from dpop.losses import dpop_penalty
 
 PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -19,6 +27,7 @@ PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 STEP_KEYS = ("lr", "grad_norm", "throughput/pairs_per_s", "throughput/tokens_per_s", "memory/peak_gb",
              "step", "epoch", "pairs_seen")
 ALL_KEYS = PAIR_KEYS + STEP_KEYS
+EXTRA_PAIR_KEYS = ("dpop/penalized_chosen_reward",)
 
 
 @dataclass
@@ -39,14 +48,21 @@ class PairStats:
 
 
 def record_pairs(stats: PairStats, *, losses, chosen_rewards, rejected_rewards, policy, ref_chosen, ref_rejected,
-                 ref_divergent_mean=None) -> None:
-    """Add one micro-batch to `stats`. `policy` is a SequenceLogps; ref_* are (P,) tensors or None."""
-    chosen_delta = policy.chosen - ref_chosen if ref_chosen is not None else torch.full_like(policy.chosen, math.nan)
+                 beta: float = 0.0, dpop_lambda: float = 0.0) -> None:
+    """Add one micro-batch to `stats`. `policy` is a SequenceLogps; ref_* are (P,) tensors or None; `losses`
+    may be None (evaluation without a loss)."""
+    nan = torch.full_like(policy.chosen, math.nan)
+    chosen_delta = policy.chosen - ref_chosen if ref_chosen is not None else nan
     penalty = dpop_penalty(policy.chosen, ref_chosen) if ref_chosen is not None else torch.zeros_like(policy.chosen)
-    stats.add(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-              chosen=policy.chosen, rejected=policy.rejected, chosen_delta=chosen_delta, penalty=penalty,
-              ref_chosen=ref_chosen if ref_chosen is not None else torch.full_like(policy.chosen, math.nan),
-              ref_rejected=ref_rejected if ref_rejected is not None else torch.full_like(policy.chosen, math.nan),
+    stats.add(losses=losses if losses is not None else nan,
+              chosen_rewards=chosen_rewards if chosen_rewards is not None else nan,
+              rejected_rewards=rejected_rewards if rejected_rewards is not None else nan,
+              penalized_chosen_rewards=(chosen_rewards - beta * dpop_lambda * penalty
+                                        if chosen_rewards is not None else nan),
+              chosen=policy.chosen, rejected=policy.rejected, chosen_delta=chosen_delta,
+              penalty=penalty if ref_chosen is not None else nan,
+              ref_chosen=ref_chosen if ref_chosen is not None else nan,
+              ref_rejected=ref_rejected if ref_rejected is not None else nan,
               divergent=policy.divergent_chosen_mean())
 
 
@@ -54,21 +70,28 @@ def summarize_pairs(stats: PairStats) -> dict[str, float]:
     """Means over the step's pairs, named as DESIGN.md §6."""
     chosen_rewards, rejected_rewards = stats.get("chosen_rewards"), stats.get("rejected_rewards")
     penalty = stats.get("penalty")
+    no_rewards = bool(torch.isnan(chosen_rewards).all())
     return {
         "loss": _mean(stats.get("losses")),
         "rewards/chosen": _mean(chosen_rewards),
         "rewards/rejected": _mean(rejected_rewards),
         "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
+        "rewards/accuracies": math.nan if no_rewards else _mean((chosen_rewards > rejected_rewards).float()),
         "logps/chosen": _mean(stats.get("chosen")),
         "logps/rejected": _mean(stats.get("rejected")),
         "logps/ref_chosen": _mean(stats.get("ref_chosen")),
         "logps/ref_rejected": _mean(stats.get("ref_rejected")),
         "logps/chosen_delta": _mean(stats.get("chosen_delta")),
         "dpop/penalty": _mean(penalty),
-        "dpop/active_frac": _mean((penalty > 0).float()),
+        "dpop/active_frac": _mean(torch.where(torch.isnan(penalty), penalty, (penalty > 0).float())),
         "tokens/divergent_chosen_logp": _mean(stats.get("divergent")),
+        "dpop/penalized_chosen_reward": _mean(stats.get("penalized_chosen_rewards")),
     }
+
+
+def pair_accuracy(stats: PairStats) -> float:
+    """Fraction of pairs whose chosen response the policy finds more likely than the rejected one."""
+    return _mean((stats.get("chosen") > stats.get("rejected")).float())
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -95,6 +118,26 @@ class MetricsLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def check_trackers(names) -> None:
+    """ConfigError naming the package to install for each tracker that is not importable (accelerate would
+    silently skip it)."""
+    from accelerate.utils import (is_mlflow_available, is_tensorboard_available, is_trackio_available,
+                                  is_wandb_available)
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+                 "mlflow": is_mlflow_available, "trackio": is_trackio_available}
+    missing = [name for name in names if not available[name]()]
+    if missing:
+        raise ConfigError(f"report_to: {', '.join(missing)} needs its package, which is not installed; "
+                          f"`pip install {' '.join(missing)}`, or drop it from report_to")
+
+
+def tracker_values(row: dict) -> dict[str, float]:
+    """The numbers of a metrics row, for accelerator.log (trackers take no strings or nulls)."""
+    return {key: float(value) for key, value in row.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 class FailureModeWatch:

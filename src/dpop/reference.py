@@ -7,13 +7,19 @@ The `precompute` cache lives in `$DPOP_CACHE/reference/<key>.safetensors`. The k
 model's weights and config, the token ids of every pair (which covers the data, the tokenizer and the
 truncation) and the batch schedule (layout, batch size, seed, precision), so a later run with the same
 inputs (a dpo run after a dpop run, or a resumed run) skips the reference pass.
+
+The train pairs are precomputed in the micro-batches of the first epoch, exactly as the policy will see
+them; later epochs visit the pairs in other batches, where the policy's log-probs of a pair can differ from
+the cached reference by rounding (fp32: ~1e-6 nats; bf16: more), which is far below what training moves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ import torch
 
 from dpop.batching import PairBatch
 from dpop.logprobs import sequence_logps
+from dpop.pipeline import make_batch, micro_batches, ordered_batches
 
 
 @dataclass
@@ -43,8 +50,14 @@ class LiveReference:
     @torch.no_grad()
     def __call__(self, batch: PairBatch, pair_indices) -> RefLogps:
         adapters_off = self.model.disable_adapter() if self.disable_adapters else contextlib.nullcontext()
-        with adapters_off, self.autocast():
-            logps = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+        batch = batch.to(next(self.model.parameters()).device)
+        was_training = self.model.training  # the policy itself (lora) is in train mode: no dropout here
+        self.model.eval()
+        try:
+            with adapters_off, self.autocast():
+                logps = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+        finally:
+            self.model.train(was_training)
         return RefLogps(logps.chosen.float(), logps.rejected.float())
 
 
@@ -59,7 +72,75 @@ class CachedReference:
         chosen, rejected = self.chosen[index], self.rejected[index]
         if torch.isnan(chosen).any() or torch.isnan(rejected).any():
             raise RuntimeError("reference log-probs missing for pairs the reference pass did not cover")
-        return RefLogps(chosen, rejected)
+        device = batch.input_ids.device
+        return RefLogps(chosen.to(device), rejected.to(device))
+
+
+def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_batches: int):
+    """(train reference, eval reference) per config.ref_strategy: callables (batch, pair_indices) -> RefLogps,
+    or (None, None) for sft and reference-free losses. Call it before training starts: `precompute` and the
+    policy-as-reference read the model's current (initial) weights."""
+    from dpop.losses import LOSSES
+
+    if config.loss == "sft" or LOSSES[config.loss].reference_free:
+        if config.ref_model:
+            print(f"dpop: loss {config.loss} uses no reference model; ref_model {config.ref_model} is ignored")
+        return None, None
+    if config.ref_model:
+        from dpop.models import load_model
+
+        ref_model, ref_tokenizer = load_model(config.ref_model, trust_remote_code=config.trust_remote_code)
+        check_same_tokenizer(tokenizer, ref_tokenizer, config.ref_model)
+        ref_model.to(next(model.parameters()).device)
+        ref_source = config.ref_model
+    elif config.ref_strategy == "model":
+        ref_model, ref_source = copy.deepcopy(model), config.model
+    else:  # precompute from the policy itself, or lora: the policy with its adapters disabled
+        ref_model, ref_source = model, config.model
+    if ref_model is not model:
+        ref_model.eval()
+        ref_model.requires_grad_(False)
+    live = LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
+                         chunk_tokens=config.chunk_tokens)
+    if config.ref_strategy != "precompute":
+        return live, live
+    layout = dict(layout=config.layout, pad_id=tokenizer.pad_token_id, pack_length=config.max_length)
+    train = _precomputed(config, live, ref_source, data.train.pairs, layout, "train",
+                         _first_epoch_schedule(config, len(data.train.pairs), needed_micro_batches))
+    evaluation = None
+    if data.eval is not None:
+        schedule = [indices for _, indices in ordered_batches(data.eval.pairs, config.eval_batch_size, **layout)]
+        evaluation = _precomputed(config, live, ref_source, data.eval.pairs, layout, "eval", schedule)
+    return train, evaluation
+
+
+def _first_epoch_schedule(config, num_pairs: int, needed_micro_batches: int) -> list[list[int]]:
+    """The micro-batches the run will draw, up to one epoch (later epochs revisit the same pairs)."""
+    count = min(math.ceil(num_pairs / config.batch_size), needed_micro_batches)
+    stream = micro_batches(num_pairs, config.batch_size, config.seed)
+    return [next(stream).pair_indices for _ in range(count)]
+
+
+def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, schedule) -> CachedReference:
+    from dpop.models import resolve_model
+
+    fingerprint = dict(split=split, layout=config.layout, seed=config.seed, precision=config.precision,
+                       batch_size=config.batch_size if split == "train" else config.eval_batch_size,
+                       chunk_tokens=config.chunk_tokens)
+    key = cache_key(model_fingerprint=model_fingerprint(resolve_model(ref_source)),
+                    pairs_fingerprint=pairs_fingerprint(pairs), schedule=fingerprint)
+    return precompute(live, schedule, lambda indices: make_batch(pairs, indices, **layout), len(pairs),
+                      cache_path=cache_path_for(key), description=f"reference pass ({split})")
+
+
+def check_same_tokenizer(policy_tokenizer, ref_tokenizer, ref_name) -> None:
+    """The reference must read the same token ids as the policy, or its log-probs mean nothing."""
+    from dpop.errors import ConfigError
+
+    if policy_tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise ConfigError(f"ref_model {ref_name}: its tokenizer differs from the policy's ({len(ref_tokenizer)} vs "
+                          f"{len(policy_tokenizer)} tokens or different ids); the reference must share the policy's "
+                          "tokenizer, e.g. an SFT model trained from the same base")
 
 
 def precompute(live: LiveReference, schedule: list[list[int]], build, num_pairs: int, *,

@@ -1,0 +1,221 @@
+"""Evaluation on preference pairs: the training loop's held-out evaluation, `dpop eval`, and the demo's
+`evaluate_model`. One scoring routine serves all three (no grad, the same log-prob routine as training).
+
+    dpop eval --model runs/dpop/final --ref-model runs/sft/final --data eval.jsonl --out eval.json
+
+Metrics, over all pairs (DESIGN.md §6 names where they exist):
+- `pair_accuracy`: fraction of pairs with log πθ(y_w|x) > log πθ(y_l|x) (the policy itself prefers y_w).
+- `rewards/accuracies`: fraction with β(lw − rw) > β(ll − rl) (implicit-reward accuracy; needs a reference).
+- `logps/chosen`, `logps/rejected` (and `logps/ref_*`): mean response log-prob sums.
+- `logps/chosen_delta`: mean lw − rw, negative when the policy finds y_w less likely than the reference does.
+- `tokens/divergent_chosen_logp`: mean per-token log-prob of y_w after its first token that differs from y_l.
+- `answer_accuracy`: for rows whose metadata carries an integer `answer` (the builtin task's rows do), the
+  fraction of greedy generations whose stated answer is right (`dpop.tasks.arithmetic.is_correct`).
+Values that cannot be computed (no reference, no answer rows) are None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from dpop.errors import ConfigError
+from dpop.logprobs import SequenceLogps, sequence_logps
+from dpop.metrics import PairStats, pair_accuracy, record_pairs, summarize_pairs
+from dpop.pipeline import ordered_batches
+
+BUILTIN_EVAL_PROBLEMS = 200
+
+
+def pair_losses(loss: str | None, policy: SequenceLogps, ref, *, beta: float, options: dict):
+    """(losses, chosen_rewards, rejected_rewards), each (P,) or None, for one batch.
+
+    loss: a name registered in dpop.losses; "sft" (mean per-token NLL of y_w, no rewards); or None (no loss,
+    the implicit rewards β·(log πθ − log πref) when a reference is given)."""
+    from dpop.losses import preference_loss
+
+    if loss == "sft":
+        return -policy.chosen / policy.chosen_lengths.clamp(min=1), None, None
+    if loss is None:
+        if ref is None:
+            return None, None, None
+        return None, beta * (policy.chosen.float() - ref.chosen), beta * (policy.rejected.float() - ref.rejected)
+    return preference_loss(loss, policy.chosen, policy.rejected, ref.chosen if ref else None,
+                           ref.rejected if ref else None, beta=beta, chosen_lengths=policy.chosen_lengths,
+                           rejected_lengths=policy.rejected_lengths, **options)
+
+
+@torch.no_grad()
+def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, loss: str | None = None,
+                beta: float = 0.3, options: dict | None = None, chunk_tokens: int = 1024) -> PairStats:
+    """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None."""
+    options = options or {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    stats = PairStats()
+    try:
+        for batch, indices in ordered_batches(pairs, batch_size, **layout):
+            batch = batch.to(device)
+            with autocast():
+                policy = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
+            ref = reference(batch, indices) if reference is not None else None
+            losses, chosen_rewards, rejected_rewards = pair_losses(loss, policy, ref, beta=beta, options=options)
+            record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                         policy=policy, ref_chosen=ref.chosen if ref else None,
+                         ref_rejected=ref.rejected if ref else None, beta=beta,
+                         dpop_lambda=options.get("dpop_lambda", 0.0))
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def pair_metrics(stats: PairStats) -> dict[str, float]:
+    """summarize_pairs plus pair_accuracy (NaN where a value does not exist)."""
+    return {**summarize_pairs(stats), "pair_accuracy": pair_accuracy(stats)}
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A no-argument factory of the autocast context for `precision` ('fp32' or 'bf16')."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _as_answer(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def answer_accuracy(model, tokenizer, pairs, *, batch_size: int, max_new_tokens: int,
+                    progress: bool = False) -> tuple[float | None, int]:
+    """(accuracy, rows scored) of greedy generations over pairs whose metadata has an integer `answer`."""
+    from dpop.generate import generate_texts
+    from dpop.tasks.arithmetic import is_correct
+
+    answered = [(pair, _as_answer(pair.metadata.get("answer"))) for pair in pairs if pair.metadata]
+    answered = [(pair, answer) for pair, answer in answered if answer is not None]
+    if not answered:
+        return None, 0
+    texts = generate_texts(model, tokenizer, [pair.prompt for pair, _ in answered], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=progress)
+    correct = sum(is_correct(text, answer) for text, (_, answer) in zip(texts, answered))
+    return correct / len(answered), len(answered)
+
+
+def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3, batch_size: int = 16,
+                   max_length: int = 1024, max_prompt_length: int | None = None, generate: bool = True,
+                   max_new_tokens: int = 128, precision: str = "fp32", layout: str = "shared",
+                   chunk_tokens: int = 1024, progress: bool = False) -> dict:
+    """Evaluate `model` on preference `pairs` (PreferencePairs, or row dicts as `dpop data make` writes them).
+
+    Returns a dict: pair_accuracy, rewards/accuracies, rewards/chosen, rewards/rejected, rewards/margins,
+    logps/chosen, logps/rejected, logps/ref_chosen, logps/ref_rejected, logps/chosen_delta,
+    tokens/divergent_chosen_logp, answer_accuracy, num_pairs, num_answer_rows, dropped_pairs (see the
+    module docstring); None where a value cannot be computed (the reward keys without `ref_model`).
+    `ref_model` must share the tokenizer (e.g. the SFT model a run started from). `precision`: fp32, bf16
+    (autocast) or auto.
+    """
+    from dpop.config import resolve_precision
+    from dpop.data import pairs_from_rows
+    from dpop.data.tokenize import tokenize_pairs
+    from dpop.reference import LiveReference
+
+    pairs = list(pairs)
+    if pairs and isinstance(pairs[0], dict):
+        pairs = pairs_from_rows(pairs, name="eval rows").pairs
+    data = tokenize_pairs(pairs, tokenizer, max_length=max_length,
+                          max_prompt_length=max_prompt_length or max_length // 2)
+    if not data.pairs:
+        raise ConfigError(f"eval: no pairs left after tokenization with max_length {max_length}")
+    device = next(model.parameters()).device
+    autocast = autocast_for(resolve_precision(precision), device)
+    reference = (LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
+                               chunk_tokens=chunk_tokens) if ref_model is not None else None)
+    stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference, beta=beta,
+                        layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
+                        chunk_tokens=chunk_tokens)
+    metrics = pair_metrics(stats)
+    keys = ("pair_accuracy", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "logps/chosen_delta",
+            "tokens/divergent_chosen_logp")
+    results = {key: _finite_or_none(metrics[key]) for key in keys}
+    accuracy, answered = (answer_accuracy(model, tokenizer, pairs, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, progress=progress)
+                          if generate else (None, 0))
+    results.update({"answer_accuracy": accuracy, "num_pairs": len(data.pairs), "num_answer_rows": answered,
+                    "dropped_pairs": sum(data.dropped.values())})
+    return results
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+def _check_eval_args(args) -> None:
+    for name, ok, rule in (("beta", args.beta > 0, "> 0"), ("batch_size", args.batch_size >= 1, ">= 1"),
+                           ("max_length", args.max_length >= 2, ">= 2"),
+                           ("max_new_tokens", args.max_new_tokens >= 1, ">= 1")):
+        if not ok:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be {rule}, got {getattr(args, name)}")
+
+
+def _eval_pairs(data: str | None) -> tuple[list, str]:
+    from dpop.data import load_pairs, pairs_from_rows
+    from dpop.tasks.arithmetic import make_pairs
+
+    if data:
+        loaded = load_pairs(data)
+        return loaded.pairs, str(data)
+    rows = make_pairs(BUILTIN_EVAL_PROBLEMS, edit="low", seed=0, split="eval")
+    return pairs_from_rows(rows, name="arithmetic-low-eval").pairs, f"builtin arithmetic eval split ({len(rows)} pairs)"
+
+
+def run_eval(args) -> int:
+    """`dpop eval`: validate the data, load the model(s), evaluate, print a table, optionally write JSON."""
+    from dpop.config import resolve_precision
+    from dpop.models import load_model
+    from dpop.reference import check_same_tokenizer
+
+    _check_eval_args(args)
+    pairs, description = _eval_pairs(args.data)  # every row checked before a model is loaded
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    ref_model = None
+    if args.ref_model:
+        ref_model, ref_tokenizer = load_model(args.ref_model, trust_remote_code=args.trust_remote_code)
+        check_same_tokenizer(tokenizer, ref_tokenizer, args.ref_model)
+    precision = resolve_precision(args.precision)
+    results = evaluate_model(model, tokenizer, pairs, ref_model=ref_model, beta=args.beta,
+                             batch_size=args.batch_size, max_length=args.max_length, generate=not args.no_generate,
+                             max_new_tokens=args.max_new_tokens, precision=precision, progress=True)
+    results = {"model": str(args.model or "smollm2-135m"), "ref_model": args.ref_model, "data": description,
+               "precision": precision, "beta": args.beta, **results}
+    print(format_table(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def format_table(results: dict) -> str:
+    """Two aligned columns, numbers to 4 decimals, '-' for values that do not exist."""
+    width = max(len(key) for key in results)
+    lines = []
+    for key, value in results.items():
+        shown = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
