@@ -1,6 +1,7 @@
 """Model resolution and loading: builtin cache, local dirs, .gguf files, clear errors, no remote code."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -53,11 +54,15 @@ def test_corrupt_cache_is_detected(tmp_path, monkeypatch):
     monkeypatch.setenv("DPOP_CACHE", str(tmp_path))
     model_dir = models.builtin_dir()
     model_dir.mkdir(parents=True)
-    (model_dir / "model.safetensors").write_bytes(b"weights")
-    (model_dir / "dpop-cache.json").write_text(json.dumps({"sha256": {"model.safetensors": models.sha256_file(
-        model_dir / "model.safetensors")}}))
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"weights")
+    (model_dir / "dpop-cache.json").write_text(json.dumps({"sha256": {weights.name: models.sha256_file(weights)},
+                                                            "stat": {weights.name: models._stat(weights)}}))
     assert models._cache_is_valid(model_dir)
-    (model_dir / "model.safetensors").write_bytes(b"weightz")  # same size, different bytes
+    weights.write_bytes(b"weightz")  # same size, different bytes, a later mtime: rehashed, and rejected
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert not models._cache_is_valid(model_dir)
+    weights.write_bytes(b"weight")  # truncated: caught by its size alone
     assert not models._cache_is_valid(model_dir)
     (model_dir / "dpop-cache.json").unlink()
     assert not models._cache_is_valid(model_dir)

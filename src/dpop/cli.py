@@ -101,13 +101,18 @@ def _add_generate_command(sub) -> None:
 
 
 def _add_training_commands(sub) -> None:
-    from dpop.config import add_config_arguments
+    from dpop.config import SFT_DEFAULTS, add_config_arguments
 
-    for name, text in (("train", "Preference training (default loss dpop) on pairs; see DESIGN §3 for keys."),
-                       ("sft", "Supervised fine-tuning on the chosen responses (builds a reference model).")):
-        command = sub.add_parser(name, help=text.split(";")[0], description=text)
-        add_config_arguments(command)
-        command.set_defaults(run=_run_train if name == "train" else _run_sft)
+    train = sub.add_parser("train", help="Preference training (default loss dpop).",
+                           description="Preference training on pairs (default loss dpop). Every option is also a "
+                                       "YAML key of CONFIG (underscores for dashes); flags override the file.")
+    add_config_arguments(train)
+    train.set_defaults(run=_run_train)
+    sft = sub.add_parser("sft", help="Supervised fine-tuning on the chosen responses.",
+                         description="Cross-entropy on the chosen responses of preference pairs, the same data "
+                                     "pipeline as train; RUN/final is usable as --ref-model and as --model.")
+    add_config_arguments(sft, command_defaults=SFT_DEFAULTS)
+    sft.set_defaults(run=_run_sft)
 
 
 def _add_demo_command(sub) -> None:
@@ -249,7 +254,12 @@ def _run_sft(args) -> int:
     from dpop.config import config_from_args
     from dpop.train import train
 
-    train(config_from_args(args, overrides={"loss": "sft"}) if args.loss is None else config_from_args(args))
+    from dpop.config import SFT_DEFAULTS
+    from dpop.errors import ConfigError
+
+    if args.loss not in (None, "sft"):
+        raise ConfigError(f"dpop sft trains with loss sft; for --loss {args.loss} use `dpop train`")
+    train(config_from_args(args, command_defaults=SFT_DEFAULTS))
     return 0
 
 

@@ -180,7 +180,7 @@ def _default(f):
     return f.default
 
 
-def _help_text(f) -> str:
+def _help_text(f, command_defaults: dict | None = None) -> str:
     """A field's help with its default (and its choices, when there are many to show)."""
     text = f.metadata["help"]
     if f.metadata.get("loss_option"):
@@ -189,7 +189,8 @@ def _help_text(f) -> str:
         text = OPTION_HELP[f.metadata["loss_option"]] + "."
     choices = _choices(f)
     shown = f" Choices: {', '.join(choices)}." if choices and len(choices) > 3 else ""
-    return f"{text} (default: {_default(f)}){shown}"
+    default = (command_defaults or {}).get(f.name, _default(f))
+    return f"{text} (default: {default}){shown}"
 
 
 def _check_range(f, value) -> None:
@@ -306,7 +307,12 @@ def write_yaml(config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConfig) -> None:
+# `dpop sft` is the same loop with its own defaults (cross-entropy wants a far larger step than DPO).
+SFT_DEFAULTS = {"loss": "sft", "learning_rate": 1e-5}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConfig,
+                         command_defaults: dict | None = None) -> None:
     """One --flag per config field, help and default from the field itself. Flags default to None
     (= not given), so a YAML file's value is only overridden by flags the user actually typed.
     Abbreviated flags are refused (a flag is exactly its YAML key), and an unknown flag is an error that
@@ -316,7 +322,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConf
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         lazy = f.metadata.get("loss_option") or f.metadata.get("choices_from_losses")
-        help_text = "(from dpop.losses)" if lazy else _help_text(f).replace("%", "%%")
+        help_text = "(from dpop.losses)" if lazy else _help_text(f, command_defaults).replace("%", "%%")
         if kind is bool:
             action = parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                          help=help_text)
@@ -325,6 +331,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConf
             metavar = "{" + ",".join(choices) + "}" if choices and len(choices) <= 3 else kind.__name__.upper()
             action = parser.add_argument(flag, dest=f.name, type=str, default=None, metavar=metavar, help=help_text)
         action.dpop_field = f
+        action.dpop_defaults = command_defaults
     parser.formatter_class = _ConfigHelpFormatter
     parser.allow_abbrev = False
     _refuse_unknown_flags(parser, base)
@@ -336,7 +343,9 @@ class _ConfigHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         f = getattr(action, "dpop_field", None)
-        return super()._get_help_string(action) if f is None else _help_text(f).replace("%", "%%")
+        if f is None:
+            return super()._get_help_string(action)
+        return _help_text(f, getattr(action, "dpop_defaults", None)).replace("%", "%%")
 
 
 def _refuse_unknown_flags(parser: argparse.ArgumentParser, base: type) -> None:
@@ -356,10 +365,12 @@ def _refuse_unknown_flags(parser: argparse.ArgumentParser, base: type) -> None:
     parser.parse_known_args = parse_known_args_checked
 
 
-def config_from_args(args: argparse.Namespace, base: type = TrainConfig, overrides: dict | None = None):
-    """Config from (in increasing priority) the defaults, the run's saved config.yaml when resuming, the YAML
-    file, `overrides` and the flags given."""
-    values = read_yaml(args.config_file) if getattr(args, "config_file", None) else {}
+def config_from_args(args: argparse.Namespace, base: type = TrainConfig, overrides: dict | None = None,
+                     command_defaults: dict | None = None):
+    """Config from (in increasing priority) the defaults, the command's defaults, the run's saved config.yaml
+    when resuming, the YAML file, `overrides` and the flags given."""
+    values = dict(command_defaults or {})
+    values.update(read_yaml(args.config_file) if getattr(args, "config_file", None) else {})
     values.update(overrides or {})
     for f in fields(base):
         given = getattr(args, f.name, None)

