@@ -3,10 +3,13 @@
 This is the DPOP paper's MetaMath setting in miniature. Each problem comes from one of a few templates
 (shopping, apples, a trip, ...) and is solved in 2-3 steps; the correct worked solution is `chosen`:
 
-    The notebooks cost 3 × 7 = 21 dollars.
-    With the pen, Sam spends 21 + 4 = 25 dollars.
-    Sam's change is 50 - 25 = 25 dollars.
-    The answer is 25.
+    Lena saves $7 every week for 4 weeks and gets a $5 gift. Then she spends $12 on a game. How many
+    dollars does she have left?
+
+    Lena saves 7 × 4 = 28 dollars.
+    With the gift, that is 28 + 5 = 33 dollars.
+    After the game, 33 - 12 = 21 dollars are left.
+    The answer is 21.
 
 Every solution ends with the fixed line `The answer is N.` (ANSWER_LINE); `extract_answer` reads it back.
 
@@ -22,7 +25,14 @@ Every solution ends with the fixed line `The answer is N.` (ANSWER_LINE); `extra
 
 Splits: a problem's split ("train", "sft" or "eval") is a function of its canonical key (template + numbers,
 not the name in it) through sha256, so two splits can never hold the same problem, whatever the seeds.
-Everything is deterministic by seed across processes (string-seeded `random.Random`, no `hash()`).
+Everything is deterministic by seed across processes (string-seeded `random.Random`, no `hash()`). Each
+split is a finite pool (about 4,000 train, 1,300 sft and 1,300 eval problems); asking for more is an error.
+
+Difficulty (numbers are small: factors 2-9, results under ~400): the builtin SmolLM2-135M-Instruct, greedy,
+96 new tokens, on 100 eval problems gets 3% zero-shot, about 11% with two worked examples in context, and
+20-38% after a brief SFT (200 sft problems, 25 steps of 8, lr 1e-4; two runs). After SFT the format is
+always right and the mistakes are wrong results of single steps (subtraction worst): exactly what the
+low-edit pairs single out.
 
     rows = make_pairs(200, edit="low", seed=1)            # JSONL-ready rows (DESIGN.md §5 conversational)
     write_jsonl(rows, "pairs.jsonl")
@@ -139,7 +149,7 @@ def _shopping(rng: random.Random, name: str, he: str):
 
 def _apples(rng: random.Random, name: str, he: str):
     bags, per_bag = rng.randint(2, 5), rng.randint(2, 9)
-    eaten = rng.randint(1, min(9, bags * per_bag - 1))
+    eaten = rng.randint(2, min(9, bags * per_bag - 2))
     question = (f"{name} has {bags} bags with {per_bag} apples in each bag. {he.capitalize()} eats "
                 f"{eaten} apples. How many apples are left?")
     steps = (Step(f"{name} has ", bags, "×", per_bag, " apples."),
@@ -168,7 +178,7 @@ def _cookies(rng: random.Random, name: str, he: str):
 
 def _pages(rng: random.Random, name: str, he: str):
     per_day, days = rng.randint(2, 9), rng.randint(2, 5)
-    book = per_day * days + rng.randint(1, 20)
+    book = per_day * days + rng.randint(2, 20)
     question = (f"A book has {book} pages. {name} reads {per_day} pages a day for {days} days. "
                 f"How many pages are left to read?")
     steps = (Step(f"{name} reads ", per_day, "×", days, " pages."),
@@ -179,7 +189,7 @@ def _pages(rng: random.Random, name: str, he: str):
 def _savings(rng: random.Random, name: str, he: str):
     weekly, weeks, gift = rng.randint(2, 9), rng.randint(2, 5), rng.randint(2, 9)
     saved = weekly * weeks + gift
-    spent = rng.randint(1, min(20, saved - 1))
+    spent = rng.randint(1, min(20, saved - 2))  # at least $2 left
     question = (f"{name} saves ${weekly} every week for {weeks} weeks and gets a ${gift} gift. "
                 f"Then {he} spends ${spent} on a game. How many dollars does {he} have left?")
     steps = (Step(f"{name} saves ", weekly, "×", weeks, " dollars."),
@@ -190,7 +200,7 @@ def _savings(rng: random.Random, name: str, he: str):
 
 def _teams(rng: random.Random, name: str, he: str):
     size, teams, balls = rng.randint(2, 5), rng.randint(2, 5), rng.randint(2, 4)
-    girls = rng.randint(1, size * teams - 1)
+    girls = rng.randint(2, size * teams - 2)
     boys = size * teams - girls
     question = (f"{name}'s class has {girls} girls and {boys} boys. They make teams of {size}, and each "
                 f"team gets {balls} balls. How many balls are needed?")
@@ -216,10 +226,10 @@ def make_problems(n: int, seed: int, *, split: str = "train") -> list[Problem]:
     rng = random.Random(f"dpop-arithmetic:{split}:{seed}")
     names = sorted(_TEMPLATES)
     problems: dict[str, Problem] = {}
-    attempts = 0
+    draws_without_new = 0
     while len(problems) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
+        draws_without_new += 1
+        if draws_without_new > 2_000:  # the split's pool of distinct problems is (nearly) exhausted
             raise ConfigError(f"could only make {len(problems)} distinct {split} problems, not --n {n}; "
                               "ask for fewer")
         template = rng.choice(names)
@@ -228,6 +238,7 @@ def make_problems(n: int, seed: int, *, split: str = "train") -> list[Problem]:
         problem = Problem(template, numbers, question, steps)
         if problem.split == split and problem.key not in problems:
             problems[problem.key] = problem
+            draws_without_new = 0
     return list(problems.values())
 
 
@@ -236,11 +247,11 @@ def make_problems(n: int, seed: int, *, split: str = "train") -> list[Problem]:
 def low_edit_rejected(problem: Problem, rng: random.Random) -> str:
     """The solution with one digit of one intermediate result replaced; all else exactly as it was."""
     index = rng.randrange(len(problem.steps) - 1)  # never the last step: its result is the answer
-    true_digits = str(problem.steps[index].result)
-    position = rng.randrange(len(true_digits))
-    allowed = [d for d in "0123456789" if d != true_digits[position] and (position or d != "0" or
-                                                                         len(true_digits) == 1)]
-    wrong = int(true_digits[:position] + rng.choice(allowed) + true_digits[position + 1:])
+    digits = str(problem.steps[index].result)
+    position = rng.randrange(len(digits))
+    leading_zero = position == 0 and len(digits) > 1  # "28" may become "38" or "24", never "08"
+    replacements = [d for d in "0123456789" if d != digits[position] and not (leading_zero and d == "0")]
+    wrong = int(digits[:position] + rng.choice(replacements) + digits[position + 1:])
     lines = [step.text(wrong if i == index else None) for i, step in enumerate(problem.steps)]
     return _solution_text(lines, problem.answer)
 
