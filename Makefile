@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dpop-installed-$(shell echo '$(DPOP_TORCH_SPEC)' | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast bench clean
+.PHONY: setup model demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,6 @@ test: model
 
 test-fast: model
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
-
-bench: model
-	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
