@@ -13,7 +13,7 @@ import torch
 from dpop.batching import collate
 from dpop.textdiff import first_difference
 from dpop.data.tokenize import TokenizedPair
-from dpop.logprobs import sequence_logps, token_logps_chunked
+from dpop.logprobs import sequence_logps
 from dpop.models import make_tiny_model, make_tiny_tokenizer
 
 
