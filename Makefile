@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dpop-installed-$(shell echo '$(DPOP_TORCH_SPEC)' | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast clean
+.PHONY: setup model demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ test: model
 
 test-fast: model
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# dpop against TRL's DPOTrainer on the builtin model: throughput, memory, MFU, a scaling table and bf16 vs fp32
+# loss curves (about 25 minutes on 2 idle cores; timings on a busy machine mean nothing). Results and the
+# machine's description go to benchmarks/results/<timestamp>.json. Smoke test: benchmarks/bench.py --quick
+bench: model
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

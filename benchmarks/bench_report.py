@@ -1,0 +1,171 @@
+"""What the benchmark prints and records: per-worker summaries (medians over timed steps), the dpop/TRL
+comparison, the bf16/fp32 loss-curve difference and the issue's targets with PASS / MISSED / NOT MEASURED.
+How each number is computed is in bench.py's docstring; the FLOPs rule in bench_flops.py."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+TARGETS = dict(throughput_ratio=4.0, mfu=0.50, bench_rss_ratio=0.7, long_rss_ratio=0.5, curve_rel_diff=0.02)
+
+
+# --- summaries ------------------------------------------------------------------------------------------
+
+def summarize(result: dict | None, bf16_rate_gflops: float | None) -> dict | None:
+    """Median-based figures of one worker's timed steps (bench.py's docstring says how)."""
+    if result is None:
+        return None
+    timed = result["steps"][result["warmup"]:] or result["steps"]
+    seconds = [s["seconds"] for s in timed]
+    median_s = statistics.median(seconds)
+    flops_per_s = statistics.median(s["flops"] / s["seconds"] for s in timed)
+    lengths = result["token_lengths"]
+    return {"label": result["label"], "engine": result["engine"], "steps_timed": len(timed),
+            "step_s": median_s, "pairs_per_s": statistics.median(s["pairs"] for s in timed) / median_s,
+            "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in timed),
+            "tokens_per_step": statistics.median(s["tokens"] for s in timed),
+            "flops_per_s": flops_per_s, "mfu": flops_per_s / (bf16_rate_gflops * 1e9) if bf16_rate_gflops else None,
+            "peak_rss_gb": result["child_peak_rss_gb"], "steps_peak_rss_gb": result.get("steps_peak_rss_gb"),
+            "reference_pass_s": result.get("reference_pass_s"), "setup_s": result.get("setup_s"),
+            "wall_s": result["wall_s"], "load_before": result["load_before"],
+            "tokens_per_pair": (lengths["prompt"], lengths["chosen"], lengths["rejected"])}
+
+
+def curve_difference(fp32: dict | None, bf16: dict | None) -> dict | None:
+    """Relative difference |bf16 - fp32| / |fp32| of the per-step losses: max and mean over the steps."""
+    if fp32 is None or bf16 is None:
+        return None
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(fp32["steps"], bf16["steps"])]
+    relative = [abs(b - a) / abs(a) for a, b in pairs if a]
+    return {"steps": len(pairs), "max_rel_diff": max(relative), "mean_rel_diff": statistics.mean(relative),
+            "fp32_losses": [a for a, _ in pairs], "bf16_losses": [b for _, b in pairs],
+            "fp32_step_s": statistics.median(s["seconds"] for s in fp32["steps"][1:] or fp32["steps"]),
+            "bf16_step_s": statistics.median(s["seconds"] for s in bf16["steps"][1:] or bf16["steps"])}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def compare(summaries: list[dict]) -> dict:
+    """dpop (loss dpo) against TRL: the fastest TRL variant for throughput, the smallest for memory."""
+    trl = [s for s in summaries if s and s["engine"] == "trl"]
+    dpop = next((s for s in summaries if s and s["engine"] == "dpop"), None)
+    if not trl or dpop is None:
+        return {}
+    fastest = max(trl, key=lambda s: s["pairs_per_s"])
+    smallest = min(trl, key=lambda s: s["peak_rss_gb"])
+    return {"dpop": dpop["label"], "trl_fastest": fastest["label"], "trl_smallest": smallest["label"],
+            "tokens_per_pair": {"trl": fastest["tokens_per_pair"], "dpop": dpop["tokens_per_pair"]},
+            "throughput_ratio": _ratio(dpop["pairs_per_s"], fastest["pairs_per_s"]),
+            "tokens_ratio": _ratio(dpop["tokens_per_s"], fastest["tokens_per_s"]),
+            "rss_ratio": _ratio(dpop["peak_rss_gb"], smallest["peak_rss_gb"]),
+            "rss_ratio_vs_fastest": _ratio(dpop["peak_rss_gb"], fastest["peak_rss_gb"])}
+
+
+# --- printing -------------------------------------------------------------------------------------------
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_table(title: str, summaries: list[dict | None]) -> None:
+    print(f"\n{title}")
+    print(f"  {'run':34} {'pairs/s':>8} {'tokens/s':>9} {'step s':>7} {'MFU':>6} {'peak RSS':>9} {'steps RSS':>9} "
+          f"{'ref pass':>8} {'tokens/pair (p+c+r)':>20}")
+    for s in summaries:
+        if s is None:
+            continue
+        p, c, r = s["tokens_per_pair"]
+        print(f"  {s['label']:34} {s['pairs_per_s']:8.3f} {s['tokens_per_s']:9.0f} {s['step_s']:7.2f} "
+              f"{_fmt(s['mfu'] and 100 * s['mfu'], '5.1f')}% {s['peak_rss_gb']:7.2f}GB "
+              f"{_fmt(s['steps_peak_rss_gb'], '7.2f')}GB {_fmt(s['reference_pass_s'], '7.1f')}s "
+              f"{p:6.1f}+{c:5.1f}+{r:5.1f}")
+
+
+def print_comparison(name: str, ratios: dict) -> None:
+    if ratios:
+        (tp, tc, tr), (dp, dc, dr) = ratios["tokens_per_pair"]["trl"], ratios["tokens_per_pair"]["dpop"]
+        print(f"  {name}: tokens per pair (prompt+chosen+rejected, same rows): TRL {tp:.1f}+{tc:.1f}+{tr:.1f}, "
+              f"dpop {dp:.1f}+{dc:.1f}+{dr:.1f} (TRL's responses keep the template's newline after the end-of-turn)")
+        print(f"  {name}: dpop/TRL throughput {_fmt(ratios['throughput_ratio'], '.2f')}x (vs {ratios['trl_fastest']}), "
+              f"tokens/s {_fmt(ratios['tokens_ratio'], '.2f')}x; peak RSS {_fmt(ratios['rss_ratio'], '.2f')}x "
+              f"(vs {ratios['trl_smallest']}; {_fmt(ratios['rss_ratio_vs_fastest'], '.2f')}x vs the fastest)")
+
+
+def target_rows(report: dict) -> list[dict]:
+    """Each target of issue 6 with its measured value; missing measurements are listed as not measured."""
+    bench, long = report.get("bench_comparison", {}), report.get("long_comparison", {})
+    dpop_bench = next((s for s in report.get("bench", []) if s and s["engine"] == "dpop"), None)
+    curves = report.get("curves")
+    rows = [("throughput >= 4x TRL's best (bench)", bench.get("throughput_ratio"), TARGETS["throughput_ratio"],
+             ">=", "{:.2f}x"),
+            ("MFU >= 50% (bench, dpop)", dpop_bench and dpop_bench["mfu"], TARGETS["mfu"], ">=", "{:.1%}"),
+            ("peak RSS <= 0.7x TRL (bench)", bench.get("rss_ratio"), TARGETS["bench_rss_ratio"], "<=", "{:.2f}x"),
+            ("peak RSS <= 0.5x TRL (long)", long.get("rss_ratio"), TARGETS["long_rss_ratio"], "<=", "{:.2f}x"),
+            ("bf16 loss within 2% of fp32 (max over steps)", curves and curves["max_rel_diff"],
+             TARGETS["curve_rel_diff"], "<=", "{:.2%}")]
+    out = []
+    for name, value, target, op, spec in rows:
+        if value is None:
+            status, shown = "NOT MEASURED", "-"
+        else:
+            ok = value >= target if op == ">=" else value <= target
+            status, shown = ("PASS" if ok else "MISSED"), spec.format(value)
+        out.append({"target": name, "value": value, "threshold": target, "status": status, "shown": shown})
+    return out
+
+
+def print_scaling(summaries: list) -> None:
+    print("\nscaling (dpop, loss dpo, bf16, precompute): pairs/s and peak RSS by response length and batch")
+    print(f"  {'response':>8} {'batch':>5} {'pairs/s':>8} {'tokens/s':>9} {'MFU':>6} {'peak RSS':>9} {'steps RSS':>9}")
+    for s in summaries:
+        if s:
+            print(f"  {s['response_tokens']:8} {s['batch']:5} {s['pairs_per_s']:8.3f} {s['tokens_per_s']:9.0f} "
+                  f"{_fmt(s['mfu'] and 100 * s['mfu'], '5.1f')}% {s['peak_rss_gb']:7.2f}GB "
+                  f"{_fmt(s['steps_peak_rss_gb'], '7.2f')}GB")
+
+
+def _malloc_text(threshold: str) -> str:
+    return (f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold != "none"
+            else "MALLOC_MMAP_THRESHOLD_ unset (glibc default)")
+
+
+def print_header(args, machine: dict, log_dir: Path) -> None:
+    flags = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in machine["flags"].items())
+    print(f"dpop benchmark{' (quick)' if args.quick else ''}: {machine['cpu_model']}, {machine['logical_cpus']} cpus, "
+          f"{machine['ram_gb']} GB; {flags}")
+    print(f"every worker: {args.threads} torch threads, {_malloc_text(args.malloc_threshold)}, model {args.model}; "
+          f"logs in {log_dir}")
+    if machine["load_average_at_start"][0] > 0.5:
+        print(f"WARNING: load average {machine['load_average_at_start'][0]:.2f}: the machine is busy, so timings "
+              "are not meaningful")
+
+
+def print_report(report: dict, curve_batch: int) -> None:
+    print(f"\n=== results ({_malloc_text(report['malloc_mmap_threshold'])}; {report['threads']} threads; "
+          f"load average at start {report['machine']['load_average_at_start'][0]:.2f}) ===")
+    for name in ("bench", "long"):
+        if name in report:
+            print_table(f"{name}: {_describe(name)}", report[name])
+            print_comparison(name, report[f"{name}_comparison"])
+    if report.get("scaling"):
+        print_scaling(report["scaling"])
+    if report.get("curves"):
+        c = report["curves"]
+        print(f"\ncurves (dpop's default loss, {c['steps']} steps of {curve_batch} pairs, same pairs and seed): "
+              f"bf16 vs fp32 loss relative difference max {c['max_rel_diff']:.3%}, mean {c['mean_rel_diff']:.3%}; "
+              f"median step fp32 {c['fp32_step_s']:.2f} s, bf16 {c['bf16_step_s']:.2f} s")
+    print("\ntargets (issue 6, ratios from this run):")
+    for row in report["targets_result"]:
+        print(f"  {row['target']:48} {row['shown']:>9}  {row['status']}")
+    print("\nelapsed: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report["elapsed_s"].items()))
+
+
+def _describe(name: str) -> str:
+    from bench_cases import make_case
+
+    return make_case(name).describe()
+
+
