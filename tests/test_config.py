@@ -83,7 +83,7 @@ BAD_VALUES = [
     ("exo_epsilon", 0, "exo_epsilon: must be > 0"),
     ("discopop_tau", 0, "discopop_tau: must be > 0"),
     ("batch_size", 0, "batch_size: must be >= 1"),
-    ("num_processes", 2, "num_processes: must be <= 1"),
+    ("num_processes", 0, "num_processes: must be >= 1"),
     ("optimizer", "adam", "optimizer: 'adam' is not one of adamw, rmsprop \\(did you mean 'adamw'\\?\\)"),
     ("loss", "dpopp", "loss: 'dpopp' is not one of .* \\(did you mean 'dpop'\\?\\)"),
     ("precision", "fp16", "precision: 'fp16' is not one of auto, fp32, bf16"),

@@ -41,3 +41,14 @@ def test_demo_writes_summary_report_and_table(tmp_path, tiny_model_dir, monkeypa
     assert images and all(len(base64.b64decode(data)) > 1000 for data in images)
     assert "failure mode" in page and "Wilson" in page
     assert "low_edit" in format_table(summary) and "dpop" in capsys.readouterr().out
+
+
+def test_the_edit_distance_contrast_is_stated_plainly_either_way():
+    from dpop.demo_report import edit_contrast
+
+    def summary(low, high):
+        return {"low_edit": {"dpo": {"chosen_delta": low}}, "high_edit": {"dpo": {"chosen_delta": high}}}
+
+    assert "contrast reproduced" in edit_contrast(summary(-3.0, -0.5))
+    assert "did NOT reproduce" in edit_contrast(summary(-3.0, -9.0))
+    assert edit_contrast({"low_edit": {"dpo": {"chosen_delta": -1.0}}}) is None

@@ -154,3 +154,41 @@ def test_chunked_peak_memory_stays_bounded():
     assert chunked_large < full_logits / 4
     assert chunked_large < naive / 8
     assert chunked_large - chunked_small < full_logits / 8  # 16x the work, nowhere near 16x the memory
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_linear_head_matches_log_softmax_with_gradients(autocast):
+    """The hand-written backward of the fused head equals autograd through log_softmax + gather."""
+    from dpop.logprobs import _fused_head, token_logps_chunked
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.randn(37)  # a non-uniform upstream gradient
+
+    class Config:
+        pass
+
+    assert _fused_head(head, Config())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = token_logps_chunked(hidden, targets, head, Config(), chunk_tokens=10)
+        naive = torch.log_softmax(head(hidden).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    (fused * weights).sum().backward()
+    fused_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    (naive * weights).sum().backward()
+    tolerance = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, naive, **tolerance)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, **tolerance)
+    torch.testing.assert_close(fused_grads[1], head.weight.grad, **tolerance)
+
+
+def test_heads_with_an_output_transform_take_the_generic_path():
+    from dpop.logprobs import _fused_head
+
+    class Softcapped:
+        final_logit_softcapping = 30.0
+
+    assert not _fused_head(torch.nn.Linear(4, 8, bias=False), Softcapped())
+    assert not _fused_head(torch.nn.Linear(4, 8, bias=True), object())

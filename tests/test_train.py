@@ -85,8 +85,11 @@ def test_accumulation_invariance(tiny_config, layout):
     whole_weights, split_weights = final_weights(whole_dir), final_weights(split_dir)
     moved = max(float((whole_weights[name] - initial[name]).abs().max()) for name in initial)
     assert moved > 1e-4  # the comparison below is far tighter than what the two steps changed
+    # Adam divides by the gradient's own magnitude, so for a component whose gradient is ~0 the two runs'
+    # different summation orders (~1e-7 relative) can move it differently by a visible fraction of lr: the
+    # weights get 3e-5 where loss, margins and grad_norm above get 1e-5 (the weights moved up to 2e-4).
     for name in whole_weights:
-        torch.testing.assert_close(whole_weights[name], split_weights[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(whole_weights[name], split_weights[name], atol=3e-5, rtol=0)
 
 
 def test_rmsprop_cosine_warmup_schedule(tiny_config):

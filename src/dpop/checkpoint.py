@@ -5,7 +5,8 @@ scheduler state and the RNG states (torch.save of tensors, numbers and tuples on
 weights_only=True), and `state.json` (step, data position, pairs seen). It is written into a temporary dir,
 flushed, then renamed into place, so a crash leaves either the previous checkpoints or a complete new one.
 `final/` is written the same way and is a plain Hugging Face model dir (LoRA adapters merged) with the
-tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`.
+tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`; with `lora_save: adapter` it holds the peft
+adapter and the tokenizer instead (dpop.models.load_model and peft's AutoPeftModelForCausalLM load it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TrainState:
     micro_index: int = 0
     pairs_seen: int = 0
     skipped_steps: int = 0  # non-finite loss or gradient: update skipped
+    num_processes: int = 1  # the run's process count; a resume must keep it (dpop.distributed)
 
 
 # --- the run directory ----------------------------------------------------------------------------------
@@ -43,6 +45,7 @@ def check_run_dir(config) -> Path:
     run_dir = Path(config.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} exists and is not a directory")
+    _check_creatable(run_dir)
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if occupied and not (config.resume or config.overwrite):
         raise ConfigError(f"output_dir {run_dir} already holds files; pass --resume to continue that run, "
@@ -56,6 +59,26 @@ def check_run_dir(config) -> Path:
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start one")
         _check_same_run(saved_path, config)
     return run_dir
+
+
+def _check_creatable(run_dir: Path) -> None:
+    """Fail now, not after the model has loaded, when the run dir cannot be made: the nearest existing
+    ancestor must be a directory we may write to."""
+    ancestor = run_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"output_dir {run_dir} cannot be created: {ancestor} is a file, not a directory")
+    if not run_dir.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {run_dir} cannot be created: no permission to write in {ancestor}")
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run dir (after setup has succeeded); a failure is one line naming the dir."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output_dir {run_dir} cannot be created: {error.strerror or error}") from None
 
 
 def _check_same_run(saved_path: Path, config) -> None:
@@ -75,19 +98,41 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def save_final(run_dir: Path, model, tokenizer) -> Path:
-    """Write final/ atomically: the model (LoRA adapters merged into the base) and the tokenizer."""
+def save_final(run_dir: Path, model, tokenizer, *, adapter_only: bool = False, state_dict: dict | None = None) -> Path:
+    """Write final/ atomically: the model (LoRA adapters merged into the base) and the tokenizer. With
+    `adapter_only` and a PEFT model: adapter_config.json (naming the base model) + adapter_model.safetensors.
+    `state_dict`: the weights to write instead of the model's own (gathered whole from a sharding engine)."""
     final = run_dir / "final"
     staging = run_dir / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    if hasattr(model, "merge_and_unload"):  # a PEFT model: training is over, merge in place
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    model.save_pretrained(staging)
+    is_peft = hasattr(model, "merge_and_unload")
+    if is_peft and adapter_only:
+        model.save_pretrained(staging)
+        (staging / "README.md").unlink(missing_ok=True)  # peft's model-card template, all placeholders
+    else:
+        if is_peft:  # training is over: merge in place
+            model = _merged(model, run_dir / ".final.adapter")
+        model.config.use_cache = True
+        model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
+    _fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
+
+
+def _merged(model, scratch: Path):
+    """The PEFT model's adapters merged into its base. A 4-bit (QLoRA) base would round the merged weights back
+    to 4 bits, so its adapter is merged into the base reloaded in fp32 instead (UNVERIFIED: needs CUDA)."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model.merge_and_unload()
+    from dpop.models import load_model
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    model.save_pretrained(scratch)
+    merged = load_model(scratch)[0]
+    shutil.rmtree(scratch, ignore_errors=True)
+    return merged
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
@@ -97,9 +142,27 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Flush every file of `path` and then its directory entries, so that after the rename that follows, a
+    power cut cannot leave a checkpoint whose names exist but whose bytes never reached the disk."""
     for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_entries(path)
+
+
+def _fsync_entries(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it, a file created in it)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, python, numpy, cuda), as a checkpoint stores them."""
+    return _rng_state()
 
 
 def _rng_state() -> dict:
@@ -125,7 +188,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, *, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, *, keep: int,
+                    rng_states: list[dict] | None = None) -> Path:
+    """Write checkpoints/step-N atomically. `rng_states`: every process's `rng_state()` in process order
+    (a multi-process run; default: this process's)."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -136,12 +202,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     staging.mkdir()
     weights = {name: t.contiguous().clone() for name, t in trainable_state(model).items()}
     save_file(weights, str(staging / "weights.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               staging / "optimizer.pt")
+    rng_states = rng_states or [_rng_state()]
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states[0],
+                "rng_by_process": rng_states}, staging / "optimizer.pt")
     (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     _fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+    _fsync_entries(root)
     _prune(root, keep)
     return final
 
@@ -159,8 +227,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from one checkpoint dir (raises if it is damaged)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, process_index: int = 0) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG (process `process_index`'s) from one checkpoint dir (raises
+    if it is damaged)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "weights.safetensors"))
@@ -175,16 +244,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
                 param.copy_(weights[name])
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    _set_rng_state(extra["rng"])
+    _set_rng_state(extra.get("rng_by_process", [extra["rng"]])[process_index])
     return state
 
 
-def restore_latest(run_dir: Path, model, optimizer, scheduler) -> tuple[TrainState, Path] | None:
+def restore_latest(run_dir: Path, model, optimizer, scheduler, *,
+                   process_index: int = 0) -> tuple[TrainState, Path] | None:
     """Load the newest checkpoint that loads; a damaged one is skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir / "checkpoints")):
         try:
-            return load_checkpoint(path, model, optimizer, scheduler), path
+            return load_checkpoint(path, model, optimizer, scheduler, process_index=process_index), path
         except Exception as error:  # truncated or corrupt files: fall back to the previous checkpoint
-            warnings.warn(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); "
-                          "trying the previous one", stacklevel=2)
+            warnings.warn(f"checkpoint {path} cannot be loaded ({_load_failure(error)}); trying the previous one",
+                          stacklevel=2)
     return None
+
+
+def _load_failure(error: Exception) -> str:
+    """Why a checkpoint did not load, in one line. torch's weights_only refusal runs to paragraphs that suggest
+    weights_only=False, the one thing not to do with a file that fails it."""
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return "optimizer.pt holds pickled objects other than tensors and numbers; refused without running them"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"

@@ -27,7 +27,8 @@ def _add_eval_command(sub) -> None:
                                           "chosen-delta against a reference, mean log-probs, the divergent-token "
                                           "log-prob, and answer accuracy (batched greedy generation) when the rows "
                                           "carry an `answer` (the builtin task does).")
-    evaluate.add_argument("--model", default=None, help="Model dir, .gguf or builtin name (default: smollm2-135m).")
+    evaluate.add_argument("--model", default=None, help="Model dir, LoRA adapter dir, .gguf or builtin name "
+                                                         "(default: smollm2-135m).")
     evaluate.add_argument("--data", default=None,
                           help="Pairs file (default: 200 problems of the builtin task's eval split).")
     evaluate.add_argument("--ref-model", default=None,
@@ -87,7 +88,8 @@ def _add_generate_command(sub) -> None:
     generate = sub.add_parser("generate", help="Generate answers with a model.",
                               description="Greedy (or sampled) generation; chat template applied when the "
                                           "tokenizer has one, unless --raw.")
-    generate.add_argument("--model", default=None, help="Model name, dir or .gguf (default: smollm2-135m).")
+    generate.add_argument("--model", default=None, help="Model name, dir, LoRA adapter dir or .gguf "
+                                                         "(default: smollm2-135m).")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="One prompt.")
     source.add_argument("--data", help="Data file: generate for every row's prompt (batched).")
@@ -242,32 +244,48 @@ def _run_generate(args) -> int:
     return run_generate(args)
 
 
-def _run_train(args) -> int:
-    from dpop.config import config_from_args
+def _train_or_relaunch(args, config) -> int:
+    """Train in this process, or run the same command line on config.num_processes processes under torchrun."""
+    from dpop import distributed
+
+    code = distributed.relaunch_if_asked(config, args.argv)
+    if code is not None:
+        return code
+    distributed.prepare_worker()
     from dpop.train import train
 
-    train(config_from_args(args))
+    train(config)
     return 0
+
+
+def _run_train(args) -> int:
+    from dpop.config import config_from_args
+
+    return _train_or_relaunch(args, config_from_args(args))
 
 
 def _run_sft(args) -> int:
     from dpop.config import config_from_args
-    from dpop.train import train
 
     from dpop.config import SFT_DEFAULTS
     from dpop.errors import ConfigError
 
     if args.loss not in (None, "sft"):
         raise ConfigError(f"dpop sft trains with loss sft; for --loss {args.loss} use `dpop train`")
-    train(config_from_args(args, command_defaults=SFT_DEFAULTS))
-    return 0
+    return _train_or_relaunch(args, config_from_args(args, command_defaults=SFT_DEFAULTS))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpop.stopping import RunStopped  # stdlib only: signal handling
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
     try:
         return int(args.run(args) or 0)
+    except RunStopped as stopped:  # a clean stop on SIGINT/SIGTERM, checkpoint written: not a failure
+        print(stopped, flush=True)
+        return 0
     except DpopError as error:
         print(f"dpop {args.command}: error: {error}", file=sys.stderr)
         return 1

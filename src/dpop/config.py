@@ -28,7 +28,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 # Keys that may change when a run is resumed: they do not change the math of the steps already taken.
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "max_steps", "epochs", "eval_every", "save_every",
                                "keep_checkpoints", "log_every", "report_to", "eval_data", "eval_batch_size",
-                               "gradient_checkpointing", "compile"})
+                               "gradient_checkpointing", "compile", "lora_save", "max_bad_steps"})
 
 
 def _opt(default, help: str | None, *, choices=None, minimum=None, exclusive_minimum=None, maximum=None,
@@ -81,6 +81,9 @@ class TrainConfig:
     eval_batch_size: int | None = _opt(None, "Pairs per evaluation batch (none = 4 × batch_size: evaluation "
                                              "keeps no activations for a backward pass).", minimum=1)
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", minimum=0.0)
+    max_bad_steps: int = _opt(5, "Stop the run after this many steps in a row whose loss or gradient is not finite "
+                                 "(each such step is skipped and counted in skipped_steps; 0 = never stop).",
+                              minimum=0)
     max_length: int = _opt(1024, "Max tokens of prompt + one response; responses are cut at the end.", minimum=2)
     max_prompt_length: int | None = _opt(None, "Max prompt tokens; prompts keep their end (none = max_length // 2).",
                                          minimum=1)
@@ -91,12 +94,16 @@ class TrainConfig:
     seed: int = _opt(0, "Seed for data order and initialisation (LoRA adapters).")
     # --- reference ---
     ref_strategy: str = _opt("precompute", "precompute: one no-grad pass before training, cached on disk "
-                                           "($DPOP_CACHE/reference); model: a live frozen copy; lora: the policy "
-                                           "with its adapters disabled (needs lora_r > 0).",
+                                           "($DPOP_CACHE/reference); model: a live frozen copy (with LoRA and no "
+                                           "ref_model: becomes lora, no copy); lora: the policy with its adapters "
+                                           "disabled (needs lora_r > 0).",
                              choices=("precompute", "model", "lora"))
     # --- speed ---
     layout: str = _opt("shared", "Batch layout: plain (2 rows per pair), shared (prompt once, prefix sharing), "
                                  "packed (shared + several pairs per row).", choices=("plain", "shared", "packed"))
+    group_by_length: bool = _opt(False, "Batch pairs of similar length together (less padding); the order stays "
+                                        "random between steps and a function of the seed. Off by default: with it "
+                                        "on, a run resumed in another process is not yet bit-exact (docs/performance.md).")
     chunk_tokens: int = _opt(1024, "Response tokens per lm-head chunk when computing log-probs.", minimum=1)
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     compile: bool = _opt(False, "torch.compile the decoder stack.")
@@ -108,10 +115,23 @@ class TrainConfig:
     resume: bool = _opt(False, "Continue the run in output_dir from its last checkpoint.")
     overwrite: bool = _opt(False, "Replace an existing run in output_dir.")
     report_to: str = _opt("none", f"Trackers, comma-separated: {', '.join(TRACKERS)} (or none); each needs its package.")
-    num_processes: int = _opt(1, "Processes; only 1 is supported so far.", minimum=1, maximum=1)
+    num_processes: int = _opt(1, "Data-parallel processes on this machine: N > 1 relaunches the command under "
+                                 "torchrun (DDP; gloo on CPU, NCCL on GPUs); batch_size is per process, so a step "
+                                 "takes num_processes × batch_size × grad_accum pairs. Under accelerate launch or "
+                                 "torchrun the launcher's count is used (docs/scaling.md). A resumed run keeps its "
+                                 "count.", minimum=1)
     lora_r: int = _opt(0, "LoRA rank (0 = full fine-tune).", minimum=0)
     lora_alpha: float = _opt(16.0, "LoRA alpha (the adapters' scale is alpha / r).", exclusive_minimum=0.0)
     lora_target: str = _opt("all-linear", "LoRA target modules, comma-separated names, or all-linear.")
+    lora_dora: bool = _opt(False, "DoRA (Liu et al. 2024): the adapters also learn each output row's magnitude "
+                                  "(needs lora_r > 0; slower per step).")
+    lora_save: str = _opt("merged", "What final/ holds after a LoRA run: merged (a plain HF model dir, adapters "
+                                    "merged into the base) or adapter (adapter_config.json + "
+                                    "adapter_model.safetensors + tokenizer; its base is recorded as an absolute "
+                                    "path; dpop eval/generate/--model and peft's AutoPeftModelForCausalLM load it).",
+                          choices=("merged", "adapter"))
+    lora_4bit: bool = _opt(False, "QLoRA: load the base weights in 4-bit NF4 with bitsandbytes, adapters in full "
+                                  "precision (needs lora_r > 0, a CUDA GPU and the bitsandbytes package).")
     trust_remote_code: bool = _opt(False, "Allow custom model code from the model dir.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +259,12 @@ def _check_consistency(config) -> None:
     if config.ref_strategy == "lora" and config.ref_model:
         raise ConfigError("ref_strategy: 'lora' uses the policy's own base weights as the reference; drop ref_model "
                           "or use ref_strategy 'precompute' or 'model'")
+    for name in ("lora_dora", "lora_4bit"):
+        if getattr(config, name) and config.lora_r == 0:
+            raise ConfigError(f"{name} needs LoRA on: set lora_r > 0 (e.g. --lora-r 16)")
+    if config.lora_save != "merged" and config.lora_r == 0:
+        raise ConfigError(f"lora_save {config.lora_save!r} needs LoRA on (set lora_r > 0); a full fine-tune's "
+                          "final/ always holds the whole model")
     if config.resume and config.overwrite:
         raise ConfigError("resume and overwrite contradict each other: --resume continues the run in output_dir, "
                           "--overwrite deletes it")
@@ -270,12 +296,32 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """The config with every automatic value made concrete (what RUN/config.yaml records)."""
     from dpop.losses import loss_option_defaults
 
+    if config.lora_4bit:
+        check_4bit_available()
     options = {name: default if getattr(config, name) is None else getattr(config, name)
                for name, default in loss_option_defaults().items()}
+    # A LoRA policy's frozen base IS the initial model: a live copy would only double the memory.
+    lora_reference = config.lora_r > 0 and config.ref_strategy == "model" and not config.ref_model
     return dataclasses.replace(
         config, **options, precision=resolve_precision(config.precision),
         eval_batch_size=config.eval_batch_size or 4 * config.batch_size,
-        max_prompt_length=config.max_prompt_length or config.max_length // 2)
+        max_prompt_length=config.max_prompt_length or config.max_length // 2,
+        ref_strategy="lora" if lora_reference else config.ref_strategy)
+
+
+def check_4bit_available() -> None:
+    """QLoRA's 4-bit kernels (bitsandbytes) run on CUDA only: refuse early, before any data or model loads."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("lora_4bit (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit weights, and none is "
+                          "available here; drop --lora-4bit to train the same LoRA adapters on full-precision "
+                          "weights, or run on a CUDA machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora_4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes "
+                          "(or drop --lora-4bit)")
 
 
 def differences(saved: TrainConfig, given: TrainConfig, *, ignore=RESUMABLE_CHANGES) -> list[str]:
@@ -292,8 +338,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)  # where the parser gave up (the first line is 1)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {reason}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

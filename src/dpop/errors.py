@@ -26,3 +26,7 @@ class DataError(DpopError):
 
 class ModelError(DpopError):
     """A model that cannot be found or loaded."""
+
+
+class TrainingError(DpopError):
+    """A run that cannot go on: its loss or gradient kept being non-finite (see dpop.stopping)."""

@@ -52,8 +52,11 @@ def pair_losses(loss: str | None, policy: SequenceLogps, ref, *, beta: float, op
 
 @torch.no_grad()
 def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, loss: str | None = None,
-                beta: float = 0.3, options: dict | None = None, chunk_tokens: int = 1024) -> PairStats:
-    """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None."""
+                beta: float = 0.3, options: dict | None = None, chunk_tokens: int = 1024,
+                forward=None) -> PairStats:
+    """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None.
+    `forward(batch) -> SequenceLogps`: the scoring module a training engine wraps (dpop.distributed.PolicyScorer;
+    default: sequence_logps on `model`)."""
     options = options or {}
     device = next(model.parameters()).device
     was_training = model.training
@@ -63,7 +66,8 @@ def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, refere
         for batch, indices in ordered_batches(pairs, batch_size, **layout):
             batch = batch.to(device)
             with autocast():
-                policy = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
+                policy = (forward(batch) if forward is not None else
+                          sequence_logps(model, batch, chunk_tokens=chunk_tokens))
             ref = reference(batch, indices) if reference is not None else None
             losses, chosen_rewards, rejected_rewards = pair_losses(loss, policy, ref, beta=beta, options=options)
             record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
@@ -126,10 +130,11 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     tokens/divergent_chosen_logp, answer_accuracy, num_pairs, num_answer_rows, dropped_pairs (see the
     module docstring); None where a value cannot be computed (the reward keys without `ref_model`).
     `ref_model` must share the tokenizer (e.g. the SFT model a run started from). `precision`: fp32, bf16
-    (autocast) or auto.
+    (autocast; on CPU with fp32 attention, set on the models in place: dpop.precision) or auto.
     """
     from dpop.config import resolve_precision
     from dpop.data import pairs_from_rows
+    from dpop.precision import prepare_model
     from dpop.data.tokenize import tokenize_pairs
     from dpop.reference import LiveReference
 
@@ -141,7 +146,11 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     if not data.pairs:
         raise ConfigError(f"eval: no pairs left after tokenization with max_length {max_length}")
     device = next(model.parameters()).device
-    autocast = autocast_for(resolve_precision(precision), device)
+    precision = resolve_precision(precision)
+    for each in (model, ref_model):  # the arithmetic training used (bf16 on CPU: fp32 attention)
+        if each is not None:
+            prepare_model(each, precision, device)
+    autocast = autocast_for(precision, device)
     reference = (LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
                                chunk_tokens=chunk_tokens) if ref_model is not None else None)
     stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference, beta=beta,

@@ -1,9 +1,10 @@
 """The one forward pass and the one log-prob routine, shared by train, sft, eval and the reference pass.
 
 The (tokens x vocab) logits never exist whole: the model's backbone gives hidden states, only the states
-that predict response tokens are gathered, and the lm head + log_softmax run over them in chunks. Under
-autograd each chunk is checkpointed, so the backward pass recomputes one chunk's logits at a time and the
-bound holds there too. log_softmax always runs in fp32, also under bf16 autocast.
+that predict response tokens are gathered, and the lm head + log_softmax run over them in chunks. For a plain
+linear head a custom autograd function keeps only each chunk's log-sum-exp and recomputes the chunk's logits
+in backward; other heads are checkpointed per chunk. Either way the bound holds in backward too. The
+softmax always runs in fp32, also under bf16.
 """
 
 from __future__ import annotations
@@ -62,14 +63,64 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head, config
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (C,)
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[target] for one chunk, with a hand-written backward.
+
+    Forward keeps only the log-sum-exp (C,), never the (C, V) logits. Backward recomputes the logits once and
+    uses d logp / d logits = onehot(target) - softmax(logits), so neither log_softmax's output, nor its
+    backward, nor gather's (C, V) zero-filled gradient ever exists: on the builtin model that was ~15% of a
+    training step (docs/performance.md). Matmuls run in the forward's autocast dtype (if any), softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        device = hidden.device.type
+        ctx.compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
+            logits = _LinearTokenLogps._logits(hidden, weight, ctx.compute_dtype)  # (C, V) fp32
+            log_normalizer = torch.logsumexp(logits, dim=-1)  # (C,)
+            target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, targets, log_normalizer)
+        return target_logits - log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, targets, log_normalizer = ctx.saved_tensors
+        dtype = ctx.compute_dtype or hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = _LinearTokenLogps._logits(hidden, weight, ctx.compute_dtype)
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_().mul_(-grad_output[:, None])  # -g·softmax
+            grad_logits.scatter_add_(-1, targets[:, None], grad_output[:, None].float())  # + g·onehot
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden = (grad_logits @ weight.to(dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad_logits.T @ hidden.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+    @staticmethod
+    def _logits(hidden, weight, compute_dtype):
+        dtype = compute_dtype or hidden.dtype
+        return (hidden.to(dtype) @ weight.to(dtype).T).float()
+
+
+def _fused_head(head, config) -> bool:
+    """The fused path covers a bias-free nn.Linear head with no output transform (Llama, Qwen, Mistral...);
+    anything else (LoRA on the head, logit scaling or soft-capping) takes the checkpointed generic path."""
+    transforms = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and not any(getattr(config, name, None) for name in transforms))
+
+
 def token_logps_chunked(hidden: torch.Tensor, targets: torch.Tensor, head, config,
                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """log p(target | hidden) for (M, H) states, chunk by chunk; (M,) fp32."""
     pieces = []
+    fused = _fused_head(head, config)
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if recompute:
+        if fused:
+            pieces.append(_LinearTokenLogps.apply(h, head.weight, t))
+        elif recompute:
             pieces.append(checkpoint(_chunk_token_logps, h, t, head, config, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(h, t, head, config))

@@ -99,14 +99,23 @@ def _mean(values: torch.Tensor) -> float:
     return float(finite.mean()) if finite.numel() else math.nan
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank line or one torn by a crash in the middle of a write."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step", 0) if isinstance(row, dict) else None
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step, appended and flushed (a crash loses nothing logged)."""
 
     def __init__(self, path: Path, *, truncate_after_step: int | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (step := _logged_step(line)) is not None and step <= truncate_after_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.handle = open(self.path, "a", encoding="utf-8")
 

@@ -11,6 +11,9 @@ inputs (a dpo run after a dpop run, or a resumed run) skips the reference pass.
 The train pairs are precomputed in the micro-batches of the first epoch, exactly as the policy will see
 them; later epochs visit the pairs in other batches, where the policy's log-probs of a pair can differ from
 the cached reference by rounding (fp32: ~1e-6 nats; bf16: more), which is far below what training moves.
+
+With several processes each one scores the slices of the micro-batches it will train on; the results are
+gathered, the main process writes the cache, and every process uses the main process's copy (dpop.distributed).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 
 from dpop.batching import PairBatch
 from dpop.logprobs import sequence_logps
-from dpop.pipeline import make_batch, micro_batches, ordered_batches
+from dpop.pipeline import make_batch, micro_batches, ordered_batches, pair_lengths
+from dpop.precision import prepare_model
 
 
 @dataclass
@@ -76,11 +80,15 @@ class CachedReference:
         return RefLogps(chosen.to(device), rejected.to(device))
 
 
-def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_batches: int):
+def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_batches: int, processes=None):
     """(train reference, eval reference) per config.ref_strategy: callables (batch, pair_indices) -> RefLogps,
     or (None, None) for sft and reference-free losses. Call it before training starts: `precompute` and the
-    policy-as-reference read the model's current (initial) weights."""
+    policy-as-reference read the model's current (initial) weights. `processes`: the accelerator of a
+    multi-process run (`needed_micro_batches` then counts micro-batches of all processes together)."""
+    from dpop.distributed import SingleProcess
     from dpop.losses import LOSSES
+
+    processes = processes or SingleProcess()
 
     if config.loss == "sft" or LOSSES[config.loss].reference_free:
         if config.ref_model:
@@ -91,7 +99,9 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
 
         ref_model, ref_tokenizer = load_model(config.ref_model, trust_remote_code=config.trust_remote_code)
         check_same_tokenizer(tokenizer, ref_tokenizer, config.ref_model)
-        ref_model.to(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        prepare_model(ref_model, config.precision, device)  # the same arithmetic as the policy's
+        ref_model.to(device)
         ref_source = config.ref_model
     elif config.ref_strategy == "model":
         ref_model, ref_source = copy.deepcopy(model), config.model
@@ -106,31 +116,42 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
         return live, live
     layout = dict(layout=config.layout, pad_id=tokenizer.pad_token_id, pack_length=config.max_length)
     train = _precomputed(config, live, ref_source, data.train.pairs, layout, "train",
-                         _first_epoch_schedule(config, len(data.train.pairs), needed_micro_batches))
+                         _first_epoch_schedule(config, len(data.train.pairs), needed_micro_batches,
+                                               processes.num_processes, pair_lengths(data.train.pairs, config)),
+                         processes)
     evaluation = None
     if data.eval is not None:
         schedule = [indices for _, indices in ordered_batches(data.eval.pairs, config.eval_batch_size, **layout)]
-        evaluation = _precomputed(config, live, ref_source, data.eval.pairs, layout, "eval", schedule)
+        evaluation = _precomputed(config, live, ref_source, data.eval.pairs, layout, "eval", schedule, processes)
     return train, evaluation
 
 
-def _first_epoch_schedule(config, num_pairs: int, needed_micro_batches: int) -> list[list[int]]:
-    """The micro-batches the run will draw, up to one epoch (later epochs revisit the same pairs)."""
-    count = min(math.ceil(num_pairs / config.batch_size), needed_micro_batches)
-    stream = micro_batches(num_pairs, config.batch_size, config.seed)
-    return [next(stream).pair_indices for _ in range(count)]
+def _first_epoch_schedule(config, num_pairs: int, needed_micro_batches: int, world: int = 1,
+                          lengths=None) -> list[list[int]]:
+    """The micro-batches the run will draw, up to one epoch (later epochs revisit the same pairs), as the
+    processes will score them: each micro-batch of world × batch_size pairs as its `world` slices, in process
+    order (entry k belongs to process k % world)."""
+    from dpop.distributed import all_slices
+
+    size = world * config.batch_size
+    count = min(math.ceil(num_pairs / size), needed_micro_batches)
+    stream = micro_batches(num_pairs, size, config.seed, lengths=lengths, group_size=size * config.grad_accum)
+    return [piece for _ in range(count) for piece in all_slices(next(stream).pair_indices, world)]
 
 
-def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, schedule) -> CachedReference:
+def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, schedule, processes) -> CachedReference:
     from dpop.models import resolve_model
 
     fingerprint = dict(split=split, layout=config.layout, seed=config.seed, precision=config.precision,
                        batch_size=config.batch_size if split == "train" else config.eval_batch_size,
-                       chunk_tokens=config.chunk_tokens)
+                       chunk_tokens=config.chunk_tokens, group_by_length=config.group_by_length,
+                       arithmetic=2)  # 2: bf16 means bf16 weights on CPU (dpop.precision), no longer autocast
+    if split == "train" and processes.num_processes > 1:  # other batches: other rounding (single-process keys kept)
+        fingerprint["num_processes"] = processes.num_processes
     key = cache_key(model_fingerprint=model_fingerprint(resolve_model(ref_source)),
                     pairs_fingerprint=pairs_fingerprint(pairs), schedule=fingerprint)
     return precompute(live, schedule, lambda indices: make_batch(pairs, indices, **layout), len(pairs),
-                      cache_path=cache_path_for(key), description=f"reference pass ({split})")
+                      cache_path=cache_path_for(key), description=f"reference pass ({split})", processes=processes)
 
 
 def check_same_tokenizer(policy_tokenizer, ref_tokenizer, ref_name) -> None:
@@ -144,24 +165,36 @@ def check_same_tokenizer(policy_tokenizer, ref_tokenizer, ref_name) -> None:
 
 
 def precompute(live: LiveReference, schedule: list[list[int]], build, num_pairs: int, *,
-               cache_path: Path | None, progress: bool = True, description: str = "reference pass") -> CachedReference:
+               cache_path: Path | None, progress: bool = True, description: str = "reference pass",
+               processes=None) -> CachedReference:
     """Reference log-probs for every pair in `schedule` (a list of micro-batches of pair indices, each laid
     out by `build(indices) -> PairBatch`). Pairs already in the cache file are not recomputed; a run that
-    needs more pairs than an earlier one computes only the missing batches and extends the file."""
+    needs more pairs than an earlier one computes only the missing batches and extends the file.
+
+    With several `processes` (an accelerator), entry k of the schedule is scored by process k % N; the main
+    process alone reads and writes the cache file, and every process returns the same complete tensors."""
     from tqdm.auto import tqdm
 
-    chosen, rejected = _load_cache(cache_path, num_pairs)
-    todo = [indices for indices in schedule if torch.isnan(chosen[torch.as_tensor(indices)]).any()]
+    from dpop.distributed import SingleProcess, from_main, merge_computed
+
+    processes = processes or SingleProcess()
+    world, main = processes.num_processes, processes.is_main_process
+    chosen, rejected = from_main(_load_cache(cache_path, num_pairs) if main else None, processes)
+    todo = [k for k, indices in enumerate(schedule)  # empty slices (a short last batch) are never todo
+            if torch.isnan(chosen[torch.as_tensor(indices, dtype=torch.long)]).any()]
     if not todo:
-        if schedule:
+        if schedule and main:
             print(f"dpop: {description}: all {sum(map(len, schedule))} pairs from cache", flush=True)
         return CachedReference(chosen, rejected)
-    for indices in tqdm(todo, desc=description, unit="batch", disable=not progress):
+    mine = [schedule[k] for k in todo if k % world == processes.process_index]
+    for indices in tqdm(mine, desc=description, unit="batch", disable=not (progress and main)):
         result = live(build(indices), indices)
         index = torch.as_tensor(indices, dtype=torch.long)
         chosen[index], rejected[index] = result.chosen.cpu(), result.rejected.cpu()
-    if cache_path is not None:
+    chosen, rejected = merge_computed((chosen, rejected), processes)
+    if cache_path is not None and main:
         _save_cache(cache_path, chosen, rejected)
+    processes.wait_for_everyone()  # the cache file is complete before any process goes on
     return CachedReference(chosen, rejected)
 
 

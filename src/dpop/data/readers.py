@@ -13,8 +13,10 @@ The format is chosen by the suffix, or by the path being a directory:
 - a directory written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s, where ``split`` picks
   one, default ``train``): locations ``data/ds row 3`` (``data/ds[test] row 3`` for a split).
 
-Text files must be UTF-8; a leading byte-order mark is accepted. JSON's non-standard NaN and Infinity
-are rejected as invalid JSON.
+Text files must be UTF-8; a UTF-16 or UTF-32 file is refused at once, naming its encoding. A UTF-8
+byte-order mark is accepted at the start of the file, and in JSON Lines also at the start of any line (what
+`cat a.jsonl b.jsonl > c.jsonl` leaves when the parts had one). JSON's non-standard NaN and Infinity are
+rejected as invalid JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from dpop.errors import ConfigError, DataError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BOM = b"\xef\xbb\xbf"
+# Other Unicode encodings, by the marks they start with (UTF-32 first: its LE mark begins with UTF-16's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ def read_records(path: str | Path, *, split: str | None = None) -> Records:
                              "or a directory saved with datasets' save_to_disk")
         reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[fmt]
         try:
+            if fmt != "parquet":
+                _refuse_other_unicode(path)
             records, columns, fmt = reader(path)
         except OSError as error:
             raise file_error(f"{name}: cannot read the file ({error.strerror or error}); check its "
@@ -109,6 +116,17 @@ def _parse_json(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def _refuse_other_unicode(path: Path) -> None:
+    """A UTF-16/32 text file fails on its first byte as UTF-8; say what it is instead of listing every line."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    name = next((name for mark, name in _OTHER_BOMS if head.startswith(mark)), None)
+    if name is None and len(head) == 4 and (head[1] == head[3] == 0) != (head[0] == head[2] == 0):
+        name = "UTF-16"  # no mark, but ASCII text with a zero byte every other byte
+    if name:
+        raise file_error(f"{path}: the file is {name}-encoded, not UTF-8; save it as UTF-8")
+
+
 def _decode_utf8(path: Path, data: bytes) -> str:
     """The whole file as text; a bad byte is a one-line error naming its line."""
     try:
@@ -124,7 +142,7 @@ def _jsonl_records(name: str, data: bytes) -> list[Record]:
     for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{name}:{number}"
         try:
-            text = raw.decode("utf-8")
+            text = raw.removeprefix(_BOM).decode("utf-8")
         except UnicodeDecodeError as error:
             records.append(Record(where, None, f"{where}: invalid UTF-8 ({error.reason} at column "
                                                f"{error.start + 1}); save the file as UTF-8"))

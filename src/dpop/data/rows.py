@@ -39,7 +39,8 @@ Rules:
 
 - ``columns`` maps our field names (prompt, chosen, rejected, completions) to the file's:
   ``{"prompt": "question", "chosen": "good"}``. A mapped column that the file does not have is an error.
-  Problems name the file's column: ``field 'good' (as chosen)``.
+  Problems name the file's column: ``field 'good' (as chosen)``. A file with a header or schema (CSV,
+  Parquet, datasets) that lacks a column every row needs is one error listing the file's columns.
 - Every row is checked before anything is returned; all problems are collected into one DataError naming
   file, line or row, field and reason (up to 20 are listed, with the total).
 - Strings must not be empty or whitespace only; message contents neither (except a system message's).
@@ -149,6 +150,7 @@ def build_pairs(records: Records, *, columns: Mapping[str, str] | None = None,
     _check_options(columns, ranked_pairs)
     _check_mapped_columns(records, columns or {})
     mapping, decode_json = _Columns.make(columns), records.format == "csv"
+    _check_needed_columns(records, mapping)
     rows = [_Row.make(record, mapping, decode_json=decode_json) if record.row is not None else None
             for record in records.records]
     shapes = [_shape(row.values) if row is not None else None for row in rows]
@@ -204,6 +206,22 @@ def _check_mapped_columns(records: Records, columns: Mapping[str, str]) -> None:
         shown = ", ".join(map(str, present[:30])) + (", ..." if len(present) > 30 else "")
         raise file_error(f"{records.path}: column(s) {', '.join(missing)} not found; "
                          f"the file's columns are: {shown or '(none)'}")
+
+
+def _check_needed_columns(records: Records, mapping: _Columns) -> None:
+    """A file with a header or schema (CSV, Parquet, datasets) that lacks a column every row needs is one
+    error naming the file's columns, not the same "missing" for every row (a renamed column, a schema that
+    drifted from what the run expects)."""
+    present = records.columns
+    if present is None:  # JSON rows each have their own keys: checked row by row
+        return
+    needed = ("prompt",) if mapping.names["completions"] in present else ("chosen", "rejected")
+    missing = [mapping.names[name] for name in needed if mapping.names[name] not in present]
+    if missing:
+        shown = ", ".join(map(str, present[:30])) + (", ..." if len(present) > 30 else "")
+        example = ",".join(f"{name}=COLUMN" for name in needed if mapping.names[name] in missing)
+        raise file_error(f"{records.path}: missing column(s) {', '.join(map(repr, missing))}; the file's columns are: "
+                         f"{shown or '(none)'}; map yours with columns (--columns '{example}')")
 
 
 @dataclass
@@ -325,7 +343,9 @@ def _field(row: _Row, name: str, out: _Outcome, kind: str | None, *, response: b
     if value is None:
         return row.problem(out, name, "null")
     if isinstance(value, str) and kind in (None, "text"):
-        return value if value.strip() else row.problem(out, name, "empty string")
+        if not value.strip():
+            return row.problem(out, name, "empty string")
+        return row.problem(out, name, reason) if (reason := _unicode_problem(value)) else value
     if kind in (None, "messages") and (isinstance(value, list) or response and isinstance(value, dict)):
         return _messages(row, name, value, out, response=response)
     expected = {None: "a string or a list of messages", "text": "a string",
@@ -362,8 +382,23 @@ def _message_problem(message: Any, response: bool) -> str | None:
         return f"'content': expected a string, got {type_name(content)}"
     if not content.strip() and role != "system":
         return "'content' is empty"
+    if reason := _unicode_problem(content):
+        return f"'content': {reason}"
     if response and role != "assistant":
         return f"a {role!r} turn where the answer's assistant turns are expected"
+    return None
+
+
+def _unicode_problem(text: str) -> str | None:
+    """A JSON escape such as "\\ud800" decodes to a string that is not Unicode text, which no tokenizer can
+    encode: name it here rather than fail in the middle of tokenization."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"not valid Unicode: an unpaired surrogate {text[error.start]!r} at character {error.start + 1} "
+                "(a lone \\uD800-\\uDFFF escape)")
     return None
 
 
@@ -511,6 +546,8 @@ def _completion(item: Any) -> tuple[str | None, tuple[str, float] | None]:
         return f"'{texts[0]}': expected a string, got {type_name(text)}", None
     if not text.strip():
         return f"'{texts[0]}' is empty", None
+    if reason := _unicode_problem(text):
+        return f"'{texts[0]}': {reason}", None
     if score is None:
         return "'score' missing" if "score" not in item else "'score' is null", None
     if isinstance(score, bool) or not isinstance(score, (int, float)):

@@ -1,0 +1,345 @@
+"""One run on several processes: accelerate's engines (DDP; FSDP2 and DeepSpeed ZeRO by an accelerate config).
+
+    dpop train --num-processes 2 --batch-size 4 ...            # N local processes (torchrun underneath)
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m dpop train --batch-size 4 ...
+    torchrun --nproc-per-node 2 -m dpop train --batch-size 4 ...
+
+The math is the single-process run's (docs/scaling.md):
+- batch_size is per process. The run reads the single-process stream of micro-batches of
+  num_processes × batch_size pairs, whose order depends only on (seed, epoch), and process r scores the r-th
+  slice of each (`process_share`). So 2 processes × batch 2 take, step for step, the pairs 1 process × batch 4
+  takes; a step consumes num_processes × batch_size × grad_accum pairs.
+- Each process backpropagates the SUM of its pairs' losses × num_processes / (pairs in the whole step) (sft:
+  chosen tokens in the step). Every engine averages gradients over processes, so the update is the
+  single-process one: (1/N) Σ_r Σ_{i in r} N·∇l_i / P = Σ_i ∇l_i / P.
+- An epoch's last micro-batch may hold fewer pairs: the slices then differ by at most one pair, nothing is
+  padded or dropped, and the step's gradient is the mean over the pairs it has, as in one process. A process
+  whose slice is empty (fewer pairs than processes) scores the batch's first pair with weight 0, because every
+  process must run the same forwards and backwards: the engines' collectives are matched call by call.
+- Per-pair statistics of a step are gathered from all processes before the metrics and the non-finite check,
+  so every process takes the same skip decision and metrics.jsonl holds the single-process numbers (up to
+  the order of summation).
+- The reference pre-pass is split the same way (each process scores the slices it will train on, so step-0
+  rewards stay exactly 0), gathered, written once by the main process, and broadcast from it; a later run
+  reads the cache on the main process only and broadcasts it, so nodes need not share $DPOP_CACHE.
+- Only the main process writes the run directory; the others' stdout is silenced by the CLI. Checkpoints hold
+  every process's RNG state, and a run resumes only with the process count it started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from dpop.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleProcess:
+    """What the helpers here need of an accelerator, for code that runs without one (tests, `dpop eval`)."""
+
+    num_processes: int = 1
+    process_index: int = 0
+    is_main_process: bool = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+# --- launching ------------------------------------------------------------------------------------------
+
+def launched_processes() -> int:
+    """Processes in this run as the launcher (torchrun, accelerate launch) set them; 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def relaunch_if_asked(config, argv: list[str]) -> int | None:
+    """`dpop train --num-processes N` (N > 1) outside a launcher: run the same command line in N local processes
+    under torchrun and return its exit code. None when this process should train itself.
+
+    torchrun, not `accelerate launch`: on a CPU-only machine `accelerate launch --cpu --num_processes 2` starts
+    ONE process (DESIGN §8), while torchrun gives accelerate a gloo group (MULTI_CPU) on CPU and NCCL on GPUs.
+
+    Signals: torchrun, given a SIGINT/SIGTERM, passes it to its workers but then exits 1 with a traceback even
+    when they stopped cleanly. So torchrun runs in its own session ignoring both, and this process passes each
+    one it gets straight to the workers (torchrun's children): they finish the step, checkpoint and exit 0 (a
+    second signal stops them at once), and torchrun exits 0 with them. Before the workers exist (or without
+    Linux's /proc to find them) torchrun gets a SIGHUP instead, which ends it and them.
+    """
+    if config.num_processes == 1 or "WORLD_SIZE" in os.environ:
+        return None
+    if config.resume:
+        check_resume_processes(config, config.num_processes)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--signals-to-handle=SIGHUP,SIGQUIT",
+               f"--nproc-per-node={config.num_processes}", "-m", "dpop", *argv]
+    env = dict(os.environ, DPOP_RELAUNCHED="1")
+    if not torch.cuda.is_available():  # CPU: share the cores instead of N processes each using all of them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.num_processes)))
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_ignore_stop_signals)
+
+    def forward(number, frame):
+        workers = _children(child.pid)
+        for worker in workers:
+            os.kill(worker, number)
+        if not workers:
+            child.send_signal(signal.SIGHUP)
+
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid`, from Linux's /proc (empty elsewhere)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _ignore_stop_signals() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def prepare_worker() -> None:
+    """In a process of a multi-process run: silence stdout on every process but the main one, so a run prints
+    its progress once (errors and warnings still reach stderr from every process), and give a worker that
+    `relaunch_if_asked` started the usual SIGINT/SIGTERM behaviour back."""
+    if os.environ.pop("DPOP_RELAUNCHED", None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
+
+
+def check_launch(config):
+    """The config with num_processes = the processes actually launched. Raises ConfigError when a config asks
+    for another count, when a resumed run had another count, or when the launcher's mixed precision
+    contradicts the config's `precision` (dpop's precision decides; the launcher's 'no' means 'as dpop says')."""
+    launched = launched_processes()
+    if config.resume:
+        check_resume_processes(config, launched)
+    elif config.num_processes not in (1, launched):
+        raise ConfigError(f"num_processes {config.num_processes}, but this run was launched as {launched} "
+                          "process(es); `dpop train --num-processes N` launches N processes itself, and under "
+                          "torchrun or accelerate launch the launcher's count decides (drop num_processes)")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher_precision != "no" and launcher_precision != config.precision:
+        raise ConfigError(f"the accelerate config asks for mixed_precision {launcher_precision} but precision is "
+                          f"{config.precision}; dpop supports fp32 and bf16: make them agree (--precision bf16, or "
+                          "mixed_precision 'no' in the accelerate config to let dpop's precision decide)")
+    return dataclasses.replace(config, num_processes=launched)
+
+
+def check_resume_processes(config, processes: int) -> None:
+    """A run resumes only with the process count it was trained with: which pairs each process takes and the
+    checkpoint's per-process RNG states depend on it."""
+    from pathlib import Path
+
+    from dpop.config import read_yaml
+
+    saved_path = Path(config.output_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return  # check_run_dir names the problem
+    saved = int(read_yaml(saved_path).get("num_processes", 1))
+    if saved != processes:
+        raise ConfigError(f"--resume: the run in {config.output_dir} was trained on {saved} process(es) and this "
+                          f"launch has {processes}; a resumed run must keep its process count (it decides which "
+                          f"pairs each process takes and holds each process's RNG state). Resume with {saved}: "
+                          f"`dpop train --output-dir {config.output_dir} --resume` relaunches with the recorded "
+                          f"count, or pass --num_processes {saved} to accelerate launch / torchrun")
+
+
+@contextlib.contextmanager
+def signals_to_this_thread():
+    """Threads started inside the block (gloo's, when accelerate creates the process group) block SIGINT and
+    SIGTERM, so that a stop signal is delivered to the main thread, where dpop handles it, and never interrupts
+    a socket call of theirs in the middle of a collective."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# --- which pairs a process scores ----------------------------------------------------------------------
+
+def process_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    """Process `rank`'s contiguous slice of a micro-batch of `world` processes; slice sizes differ by at most
+    one (the first ones are larger). [0..9] over 4 processes: [0 1 2] [3 4 5] [6 7] [8 9]."""
+    base, extra = divmod(len(indices), world)
+    start = rank * base + min(rank, extra)
+    return list(indices[start:start + base + (1 if rank < extra else 0)])
+
+
+def process_share(indices: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """(pairs to score, weight): the process's slice with weight 1, or, when the slice is empty but the batch
+    is not, the batch's first pair with weight 0 (a forward and backward that keeps the processes' collectives
+    in step and adds nothing)."""
+    share = process_slice(indices, rank, world)
+    if share or not indices:
+        return share, 1.0
+    return list(indices[:1]), 0.0
+
+
+def all_slices(indices: list[int], world: int) -> list[list[int]]:
+    """Every process's slice of one micro-batch, in process order."""
+    return [process_slice(indices, rank, world) for rank in range(world)]
+
+
+class PolicyScorer(torch.nn.Module):
+    """dpop.logprobs.sequence_logps as a module's forward: what accelerate.prepare wraps. The log-prob routine
+    calls the decoder stack and the lm head directly, so wrapping the causal LM itself would bypass the engine
+    (DDP's gradient hooks, FSDP's parameter gathering); through this module's forward they see every call."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        # FSDP's transformer auto-wrap reads the wrapped module's _no_split_modules (the decoder layer class)
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, batch):
+        from dpop.logprobs import sequence_logps
+
+        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+
+
+# --- collectives ----------------------------------------------------------------------------------------
+
+def gather_step(stats, tokens: int, processes):
+    """(every process's per-pair stats, total input tokens) of one step, on every process; processes in order."""
+    from accelerate.utils import gather_object
+
+    from dpop.metrics import PairStats
+
+    if processes.num_processes == 1:
+        return stats, tokens
+    merged = PairStats()
+    everyone = gather_object([(stats.parts, tokens)])
+    for parts, _ in everyone:
+        for name, pieces in parts.items():
+            merged.parts.setdefault(name, []).extend(pieces)
+    return merged, sum(count for _, count in everyone)
+
+
+def from_main(value, processes):
+    """The main process's `value` on every process (a collective: every process calls it)."""
+    from accelerate.utils import broadcast_object_list
+
+    if processes.num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def gather_values(value, processes) -> list:
+    """Every process's `value`, in process order, on every process."""
+    from accelerate.utils import gather_object
+
+    if processes.num_processes == 1:
+        return [value]
+    return gather_object([value])
+
+
+def merge_computed(tensors: tuple[torch.Tensor, ...], processes) -> tuple[torch.Tensor, ...]:
+    """Tensors in which each process filled some entries (NaN = not computed here), merged on every process."""
+    if processes.num_processes == 1:
+        return tensors
+    merged = tuple(t.clone() for t in tensors)
+    for theirs in gather_values(tensors, processes):
+        for mine, other in zip(merged, theirs):
+            missing = torch.isnan(mine) & ~torch.isnan(other)
+            mine[missing] = other[missing]
+    return merged
+
+
+def agree_on_stop(received: str | None, processes) -> str | None:
+    """A stop signal any process received, on every process: they must all stop after the same step."""
+    if processes.num_processes == 1:
+        return received
+    return next((name for name in gather_values(received, processes) if name), None)
+
+
+# --- the engines ----------------------------------------------------------------------------------------
+
+def engine_name(accelerator) -> str:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return "DDP" if accelerator.num_processes > 1 else "one process"
+
+
+def splits_state(accelerator) -> bool:
+    """FSDP and DeepSpeed split optimizer state (and, FSDP and ZeRO-3, the parameters) over processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def splits_parameters(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED
+                                            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def check_engine(accelerator, config) -> None:
+    """Refuse what dpop cannot do under the launched engine, and hand DeepSpeed the settings dpop owns.
+    Call before accelerator.prepare. The FSDP and DeepSpeed paths are NOT verified (docs/scaling.md)."""
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ConfigError(f"the accelerate config sets gradient_accumulation_steps "
+                          f"{accelerator.gradient_accumulation_steps}; dpop accumulates itself: set --grad-accum "
+                          f"{accelerator.gradient_accumulation_steps} and 1 (or nothing) in the accelerate config")
+    name = engine_name(accelerator)
+    if splits_state(accelerator) and (config.save_every or config.resume):
+        raise ConfigError(f"{name} splits the optimizer state over processes, and dpop's checkpoints (save_every, "
+                          "--resume) hold it whole: they work with DDP only for now; set save_every 0 or use DDP")
+    if splits_parameters(accelerator) and (config.lora_r > 0 or config.ref_strategy == "lora"):
+        raise ConfigError(f"LoRA under {name} is not supported (its adapters would be sharded and merged on one "
+                          "process); LoRA's optimizer state is small: use DDP (configs/accelerate/ddp.yaml)")
+    if name.startswith("DeepSpeed"):
+        settings = accelerator.state.deepspeed_plugin.deepspeed_config
+        settings["train_micro_batch_size_per_gpu"] = config.batch_size  # dpop has no DataLoader to read it from
+        settings["gradient_clipping"] = config.max_grad_norm
+
+
+def gathered_weights(accelerator, scorer) -> dict | None:
+    """The whole model's weights for final/ when the engine splits the parameters (FSDP, ZeRO-3), keyed as the
+    causal LM's; a collective that every process calls; None where every process holds the weights whole."""
+    if not splits_parameters(accelerator):
+        return None
+    state = accelerator.get_state_dict(scorer)
+    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+
+
+class DiscardLog:
+    """metrics.jsonl on the processes that do not write it."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
