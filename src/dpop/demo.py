@@ -39,8 +39,8 @@ class DemoPlan:
 
 # Sized to the time budget on 2 CPU cores (quick <= 3 min, full <= 15 min, docs/performance.md); every
 # preference run sees each of its pairs once (pairs = steps x batch).
-QUICK = DemoPlan(cases=("low",), sft_pairs=128, sft_steps=16, pairs=160, steps=20, eval_problems=40)
-FULL = DemoPlan(cases=("low", "high"), sft_pairs=320, sft_steps=40, pairs=400, steps=50, eval_problems=100)
+QUICK = DemoPlan(cases=("low",), sft_pairs=96, sft_steps=12, pairs=128, steps=16, eval_problems=32)
+FULL = DemoPlan(cases=("low", "high"), sft_pairs=256, sft_steps=32, pairs=320, steps=40, eval_problems=64)
 CASE_KEYS = {"low": "low_edit", "high": "high_edit"}
 
 
@@ -65,7 +65,7 @@ def _write_data(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
 def _base_config(plan: DemoPlan, seed: int, quick: bool) -> TrainConfig:
     return TrainConfig(batch_size=plan.batch_size, seed=seed, beta=plan.beta, dpop_lambda=plan.dpop_lambda,
                        max_length=256, max_prompt_length=128, precision="auto", overwrite=True,
-                       log_every=1, save_every=0, eval_every=0 if quick else max(1, plan.steps // 2))
+                       log_every=1, save_every=0, eval_every=0)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, model: str | None = None,
@@ -96,8 +96,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         for loss in ("dpo", "dpop"):
             run_dir = out / f"{case}_edit" / loss
             train(replace(base, loss=loss, model=sft_model, data=str(files[f"{case}_train"]),
-                          # quick: the held-out pairs are scored once, in stage 4, not also by the run
-                          eval_data=None if quick else str(files[f"{case}_eval"]), output_dir=str(run_dir),
+                          # the held-out pairs are scored once, in the last stage, not also by the run
+                          eval_data=None, output_dir=str(run_dir),
                           max_steps=plan.steps,
                           learning_rate=plan.learning_rate, warmup_steps=max(1, plan.steps // 10)))
             runs[(case, loss)] = run_dir
