@@ -145,7 +145,7 @@ def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, sche
     fingerprint = dict(split=split, layout=config.layout, seed=config.seed, precision=config.precision,
                        batch_size=config.batch_size if split == "train" else config.eval_batch_size,
                        chunk_tokens=config.chunk_tokens, group_by_length=config.group_by_length,
-                       arithmetic=2)  # 2: bf16 means bf16 weights on CPU (dpop.precision), no longer autocast
+                       arithmetic=2)  # 2: fp32 attention under bf16 on CPU and the fused lm head changed the numbers
     if split == "train" and processes.num_processes > 1:  # other batches: other rounding (single-process keys kept)
         fingerprint["num_processes"] = processes.num_processes
     key = cache_key(model_fingerprint=model_fingerprint(resolve_model(ref_source)),
