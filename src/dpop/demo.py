@@ -62,7 +62,7 @@ def _write_data(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     return files
 
 
-def _base_config(plan: DemoPlan, seed: int, quick: bool) -> TrainConfig:
+def _base_config(plan: DemoPlan, seed: int) -> TrainConfig:
     return TrainConfig(batch_size=plan.batch_size, seed=seed, beta=plan.beta, dpop_lambda=plan.dpop_lambda,
                        max_length=256, max_prompt_length=128, precision="auto", overwrite=True,
                        log_every=1, save_every=0, eval_every=0)
@@ -79,7 +79,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     total = 3 + len(plan.cases)
-    base = _base_config(plan, seed, quick)
+    base = _base_config(plan, seed)
     if model is not None:
         base = replace(base, model=model)
     _stage(1, total, f"data: {plan.sft_pairs} SFT problems, {plan.pairs} pairs per case "
