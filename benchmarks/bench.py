@@ -6,20 +6,26 @@
     .venv/bin/python benchmarks/bench.py worker --engine dpop --case bench --steps 8 --warmup 2
 
 One invocation runs, each engine in its own subprocess (so each peak RSS is that engine's alone), all with
-the same environment (torch threads, MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed blocks and RSS
-follows live memory, offline HF libraries, no progress bars):
+the same environment (torch threads, offline HF libraries, no progress bars). Every configuration runs twice:
+- a speed run, with glibc's default allocator settings (what a user gets): step times, pairs/s, MFU;
+- a memory run (a few steps), with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed blocks and RSS
+  follows live memory: the peak RSS. That setting makes every block over 64 KiB its own mmap, page-faulted
+  in again each step, which slows both engines ~2x; so it is kept out of the speed run. The speed run's
+  peak RSS (allocator default) is recorded too.
 
 - matmul: the bf16 (and fp32) matmul rate at the model's shapes, the denominator of MFU (bench_flops.py).
 - bench: builtin low-edit pairs, batch 8, max_length 256. TRL in its best configuration (bf16 autocast +
   precomputed reference log-probs; with and without gradient checkpointing, TRL's default being on: the
   faster one is the throughput anchor, the smaller one the memory anchor), dpop's best configuration (bf16,
-  precomputed reference, TrainConfig's default layout) with loss dpo (parity with TRL) and with loss dpop.
-- long: prompt ~512 + responses ~512 tokens, batch 2, max_length 1100; dpop (dpo) and TRL with its default
-  gradient checkpointing on (its smaller-memory setting, so the memory anchor).
+  precomputed reference, TrainConfig's default layout) with loss dpo (parity with TRL), the same with
+  gradient checkpointing (dpop's smaller-memory setting), and with loss dpop. Throughput compares the
+  faster dpop (dpo) setting with the faster TRL one, memory the smaller with the smaller.
+- long: prompt ~512 + responses ~512 tokens, batch 2, max_length 1100; dpop (dpo, checkpointing off and on)
+  and TRL with its default gradient checkpointing on (its smaller-memory setting, so the memory anchor).
 - scaling: dpop (dpo) pairs/s and peak RSS against response length (64, 256, 1024) and batch.
-- curves: TrainConfig's defaults (loss dpop, its learning rate) for 50 steps of 4 pairs of the bench workload,
-  in fp32 and in bf16, same pairs and seed; the largest and the mean of |loss_bf16 - loss_fp32| / loss_fp32
-  over the steps.
+- curves: TrainConfig's defaults (its learning rate) for 50 steps of 4 pairs of the bench workload, in fp32
+  and in bf16, same pairs and seed, for the default loss (dpop) and for dpo; the largest and the mean of
+  |loss_bf16 - loss_fp32| / loss_fp32 over the steps.
 
 How each number is computed (per worker, over the timed steps only, i.e. after `warmup` steps):
 - step time: median of the optimizer steps' wall times. dpop: perf_counter around `train_step` (batch
@@ -66,6 +72,7 @@ class Plan:
     """Steps per case: full (`make bench`) or quick (smoke test)."""
 
     bench: tuple[int, int]  # (warmup, timed steps)
+    memory: tuple[int, int]  # (warmup, steps) of a memory run: enough to reach the peak
     long: tuple[int, int]
     scaling_points: tuple[tuple[int, int], ...]  # (response tokens, batch)
     scaling_steps: tuple[int, int]
@@ -76,11 +83,11 @@ class Plan:
     matmul_tokens: int = 1024
 
 
-FULL = Plan(bench=(2, 8), long=(1, 3),
+FULL = Plan(bench=(2, 8), memory=(1, 2), long=(1, 3),
             scaling_points=((64, 1), (64, 4), (64, 8), (256, 1), (256, 4), (256, 8), (1024, 1), (1024, 2), (1024, 4)),
             scaling_steps=(1, 2), curve_steps=50, curve_batch=4, trl_checkpointing=("off", "on"),
             long_trl_checkpointing=("on",))
-QUICK = Plan(bench=(1, 2), long=(1, 1), scaling_points=((64, 1), (256, 2)), scaling_steps=(1, 1), curve_steps=4,
+QUICK = Plan(bench=(1, 2), memory=(0, 1), long=(1, 1), scaling_points=((64, 1), (256, 2)), scaling_steps=(1, 1), curve_steps=4,
              curve_batch=2, trl_checkpointing=("off",), long_trl_checkpointing=("on",), matmul_tokens=256)
 
 
@@ -133,13 +140,14 @@ def worker_environment(threads: int, malloc_threshold: str) -> dict:
 
 @dataclass
 class Runner:
-    env: dict
+    env: dict  # speed runs
+    memory_env: dict | None  # memory runs; None: one run gives both
     log_dir: Path
     common: list[str]  # worker flags shared by every call (--model, --threads)
     failures: list[str] = field(default_factory=list)
     raw: dict = field(default_factory=dict)  # label -> the worker's full result (per-step records)
 
-    def __call__(self, label: str, argv: list[str]) -> dict | None:
+    def __call__(self, label: str, argv: list[str], env: dict | None = None) -> dict | None:
         """Run one worker; its result dict (with `child_peak_rss_gb`, `wall_s`, `load_before`), or None."""
         log_path = self.log_dir / (label.replace(" ", "_").replace("/", "-") + ".log")
         command = [sys.executable, str(Path(__file__).resolve()), "worker", *argv, *self.common]
@@ -149,7 +157,7 @@ class Runner:
         with open(log_path, "w") as log:
             log.write(" ".join(command) + "\n")
             log.flush()
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=self.env, text=True)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env or self.env, text=True)
             stdout = process.stdout.read()
             process.stdout.close()
             _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak RSS
@@ -167,6 +175,17 @@ class Runner:
         result.update(label=label, wall_s=wall, load_before=load_before,
                       child_peak_rss_gb=usage.ru_maxrss * 1024 / 1e9)
         self.raw[label] = result
+        return result
+
+    def measure(self, label: str, argv: list[str], steps: tuple[int, int], memory_steps: tuple[int, int]) -> dict | None:
+        """A speed run, then (with a memory environment) a memory run whose peak RSS replaces the speed run's."""
+        result = self(label, [*argv, *steps_args(*steps)])
+        if result is None or self.memory_env is None:
+            return result
+        memory = self(f"{label} [memory]", [*argv, *steps_args(*memory_steps)], env=self.memory_env)
+        result["speed_run_peak_rss_gb"] = result["child_peak_rss_gb"]
+        result["child_peak_rss_gb"] = memory["child_peak_rss_gb"] if memory else None
+        result["steps_peak_rss_gb"] = memory.get("steps_peak_rss_gb") if memory else None
         return result
 
 
@@ -190,10 +209,12 @@ def steps_args(warmup: int, steps: int) -> list[str]:
     return ["--warmup", str(warmup), "--steps", str(steps)]
 
 
-def run_trl(run: Runner, label: str, case: str, steps: tuple[int, int], checkpointing: str, args) -> dict | None:
-    """One TRL worker; warns when TRL did not apply the asked activation checkpointing."""
-    result = run(label, ["--engine", "trl", "--case", case, *steps_args(*steps),
-                         "--set", f"activation_checkpointing={checkpointing == 'on'}", *_sets(args.trl_set)])
+def run_trl(run: Runner, label: str, case: str, steps: tuple[int, int], memory_steps: tuple[int, int],
+            checkpointing: str, args) -> dict | None:
+    """One TRL configuration; warns when TRL did not apply the asked activation checkpointing."""
+    result = run.measure(label, ["--engine", "trl", "--case", case, "--set",
+                                 f"activation_checkpointing={checkpointing == 'on'}", *_sets(args.trl_set)],
+                         steps, memory_steps)
     if result is not None and result["settings"].get("activation_checkpointing_active") != (checkpointing == "on"):
         print(f"  WARNING: {label}: TRL's model reports activation checkpointing "
               f"{result['settings'].get('activation_checkpointing_active')}")
@@ -205,12 +226,12 @@ def run_bench_case(run: Runner, plan: Plan, args, rate) -> tuple[list, dict]:
     if "trl" in args.engines:
         for checkpointing in plan.trl_checkpointing:
             results.append(run_trl(run, f"TRL bf16+precompute gc={checkpointing}", "bench", plan.bench,
-                                   checkpointing, args))
+                                   plan.memory, checkpointing, args))
     if "dpop" in args.engines:
-        for loss in ("dpo", "dpop"):
-            results.append(run(f"dpop bf16+precompute loss={loss}",
-                               ["--engine", "dpop", "--case", "bench", "--loss", loss, *steps_args(*plan.bench),
-                                *_dpop_args(args)]))
+        for label, extra in _dpop_variants(True):
+            results.append(run.measure(f"dpop bf16+precompute {label}",
+                                       ["--engine", "dpop", "--case", "bench", *extra, *_dpop_args(args)],
+                                       plan.bench, plan.memory))
     summaries = [summarize(r, rate) for r in results]
     return summaries, compare(summaries)
 
@@ -219,12 +240,24 @@ def run_long_case(run: Runner, plan: Plan, args, rate) -> tuple[list, dict]:
     results = []
     if "trl" in args.engines:
         for checkpointing in plan.long_trl_checkpointing:
-            results.append(run_trl(run, f"TRL long gc={checkpointing}", "long", plan.long, checkpointing, args))
+            results.append(run_trl(run, f"TRL long gc={checkpointing}", "long", plan.long, plan.memory,
+                                   checkpointing, args))
     if "dpop" in args.engines:
-        results.append(run("dpop long loss=dpo", ["--engine", "dpop", "--case", "long", "--loss", "dpo",
-                                                  *steps_args(*plan.long), *_dpop_args(args)]))
+        for label, extra in _dpop_variants(False):
+            results.append(run.measure(f"dpop long {label}", ["--engine", "dpop", "--case", "long", *extra,
+                                                              *_dpop_args(args)], plan.long, plan.memory))
     summaries = [summarize(r, rate) for r in results]
     return summaries, compare(summaries)
+
+
+def _dpop_variants(with_dpop_loss: bool) -> list[tuple[str, list[str]]]:
+    """dpop's settings compared with TRL: loss dpo (TRL's loss) with checkpointing off (the default) and on,
+    and optionally loss dpop (speed only: same work as dpo)."""
+    variants = [("loss=dpo", ["--loss", "dpo"]),
+                ("loss=dpo gc=on", ["--loss", "dpo", "--set", "gradient_checkpointing=true"])]
+    if with_dpop_loss:
+        variants.append(("loss=dpop", ["--loss", "dpop"]))
+    return variants
 
 
 def run_scaling(run: Runner, plan: Plan, args, rate) -> list:
@@ -240,17 +273,21 @@ def run_scaling(run: Runner, plan: Plan, args, rate) -> list:
     return summaries
 
 
-def run_curves(run: Runner, plan: Plan, args) -> dict | None:
-    """TrainConfig's defaults (its loss, learning rate, layout) on the bench workload, fp32 then bf16."""
+def run_curves(run: Runner, plan: Plan, args) -> dict:
+    """TrainConfig's defaults (learning rate, layout) on the bench workload, fp32 then bf16, for the default
+    loss and for dpo: {loss: difference or None}."""
     from dpop.config import TrainConfig
 
-    results = {}
-    for precision in ("fp32", "bf16"):
-        results[precision] = run(f"dpop curve {precision}",
-                                 ["--engine", "dpop", "--case", "curve", "--precision", precision,
-                                  "--loss", TrainConfig.loss, "--batch-size", str(plan.curve_batch),
-                                  *steps_args(0, plan.curve_steps), *_dpop_args(args)])
-    return curve_difference(results["fp32"], results["bf16"])
+    curves = {}
+    for loss in dict.fromkeys((TrainConfig.loss, "dpo")):
+        results = {}
+        for precision in ("fp32", "bf16"):
+            results[precision] = run(f"dpop curve {loss} {precision}",
+                                     ["--engine", "dpop", "--case", "curve", "--precision", precision,
+                                      "--loss", loss, "--batch-size", str(plan.curve_batch),
+                                      *steps_args(0, plan.curve_steps), *_dpop_args(args)])
+        curves[loss] = curve_difference(results["fp32"], results["bf16"])
+    return curves
 
 
 def _sets(items) -> list[str]:
@@ -296,12 +333,15 @@ def run_parent(args) -> int:
     started = time.perf_counter()
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     log_dir = Path(tempfile.mkdtemp(prefix=f"dpop-bench-{stamp}-"))
-    run = Runner(worker_environment(args.threads, args.malloc_threshold), log_dir,
+    memory_env = (worker_environment(args.threads, args.malloc_threshold)
+                  if args.malloc_threshold != args.speed_malloc_threshold else None)
+    run = Runner(worker_environment(args.threads, args.speed_malloc_threshold), memory_env, log_dir,
                  ["--model", args.model, "--threads", str(args.threads)])
     machine = machine_description()
     print_header(args, machine, log_dir)
     report = {"machine": machine, "quick": args.quick, "model": args.model, "threads": args.threads,
-              "malloc_mmap_threshold": args.malloc_threshold, "targets": TARGETS, "cases": args.case or list(ALL_CASES),
+              "malloc_mmap_threshold": args.malloc_threshold, "speed_malloc_mmap_threshold": args.speed_malloc_threshold,
+              "targets": TARGETS, "cases": args.case or list(ALL_CASES),
               "engines": args.engines, "dpop_set": args.dpop_set, "trl_set": args.trl_set, "layout": args.layout,
               "plan": dataclasses.asdict(plan), "elapsed_s": {}}
     run_cases(run, plan, args, report)
@@ -355,7 +395,9 @@ def parse_args(argv: list[str]):
                         help="extra DPOConfig setting for every TRL worker")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every worker")
     parser.add_argument("--malloc-threshold", default="65536",
-                        help="MALLOC_MMAP_THRESHOLD_ for every worker ('none' = glibc's default)")
+                        help="MALLOC_MMAP_THRESHOLD_ of the memory runs ('none' = glibc's default)")
+    parser.add_argument("--speed-malloc-threshold", default="none",
+                        help="MALLOC_MMAP_THRESHOLD_ of the speed runs; equal to --malloc-threshold: one run each")
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]

@@ -257,3 +257,16 @@ def test_is_correct():
 def test_extract_answer_reads_back_the_answer_line(value, with_commas):
     number = f"{value:,}" if with_commas else str(value)
     assert extract_answer(f"4 + 5 = 9.\n{ANSWER_LINE.format(answer=number)}") == value
+
+
+@pytest.mark.parametrize("text, done", [
+    ("Sam reads 8 × 3 = 24 pages.\nThe answer is 13.\n", True),
+    ("The answer is 13. Then", True),
+    ("The answer is 13.", False),  # "13." may still become "13.5"
+    ("The answer is 2", False),
+    ("Sam reads 8 × 3 = 24 pages.\n", False),
+    ("The answer is\n", False),  # no number in the closed sentence
+    ("#### 42\n", True),
+])
+def test_states_answer_waits_for_a_closed_sentence(text, done):
+    assert arithmetic.states_answer(text) is done

@@ -50,13 +50,14 @@ def test_summarize_uses_the_median_of_timed_steps():
 
 def test_targets_report_missed_and_unmeasured():
     report = {"bench_comparison": {"throughput_ratio": 3.0, "rss_ratio": 0.5}, "long_comparison": {},
-              "bench": [{"engine": "dpop", "mfu": 0.6}], "curves": {"max_rel_diff": 0.03}}
+              "bench": [{"engine": "dpop", "mfu": 0.6}], "curves": {"dpop": {"max_rel_diff": 0.03}, "dpo": None}}
     status = {row["target"]: (row["status"], row["shown"]) for row in target_rows(report)}
     assert status["throughput >= 4x TRL's best (bench)"] == ("MISSED", "3.00x")
     assert status["MFU >= 50% (bench, dpop)"] == ("PASS", "60.0%")
     assert status["peak RSS <= 0.7x TRL (bench)"] == ("PASS", "0.50x")
     assert status["peak RSS <= 0.5x TRL (long)"] == ("NOT MEASURED", "-")
-    assert status["bf16 loss within 2% of fp32 (max over steps)"] == ("MISSED", "3.00%")
+    assert status["bf16 loss within 2% of fp32 (loss dpop, max over steps)"] == ("MISSED", "3.00%")
+    assert status["bf16 loss within 2% of fp32 (loss dpo, max over steps)"] == ("NOT MEASURED", "-")
 
 
 def test_dpop_worker_quick_on_tiny_model(tiny_model_dir, tmp_path):
@@ -86,5 +87,11 @@ def test_parent_quick_writes_results(tiny_model_dir, tmp_path):
     assert report["machine"]["cpu_model"] and "torch" in report["machine"]["versions"]
     assert report["matmul"]["bf16"]["layer"] > 0
     assert [s["label"] for s in report["bench"]] == ["dpop bf16+precompute loss=dpo",
+                                                      "dpop bf16+precompute loss=dpo gc=on",
                                                       "dpop bf16+precompute loss=dpop"]
+    # each setting ran twice: speed (glibc's default), then memory (the peak RSS reported)
+    assert "dpop bf16+precompute loss=dpo [memory]" in report["workers"]
+    first = report["bench"][0]
+    assert first["peak_rss_gb"] == report["workers"]["dpop bf16+precompute loss=dpo [memory]"]["child_peak_rss_gb"]
+    assert first["speed_run_peak_rss_gb"] == report["workers"]["dpop bf16+precompute loss=dpo"]["speed_run_peak_rss_gb"]
     assert {row["status"] for row in report["targets_result"]} <= {"PASS", "MISSED", "NOT MEASURED"}

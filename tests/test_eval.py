@@ -97,3 +97,37 @@ def test_dpop_eval_errors_are_one_line_without_traceback(argv, message, tiny_mod
     assert main(["eval", "--model", str(tiny_model_dir), *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_reference_memo_scores_the_reference_once_and_changes_nothing(tiny, eval_pairs_file, monkeypatch):
+    import dpop.reference
+
+    model, tokenizer = tiny
+    pairs = load_pairs(eval_pairs_file).pairs
+    plain = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False)
+    calls = []
+    real_call = dpop.reference.LiveReference.__call__
+    monkeypatch.setattr(dpop.reference.LiveReference, "__call__",
+                        lambda self, batch, indices: calls.append(tuple(indices)) or real_call(self, batch, indices))
+    memo = {}
+    first = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False,
+                           ref_memo=memo)
+    batches = len(calls)
+    second = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False,
+                            ref_memo=memo)
+    assert batches == len(memo) == 2 and len(calls) == batches  # 6 pairs in batches of 4: scored once, reused
+    assert first == second == plain
+
+
+def test_generation_stops_a_row_once_it_says_so(tiny):
+    model, tokenizer = tiny
+    prompts = ["What is 2 + 3?", "What is 7 × 6?"]
+    seen = []
+
+    def after_three_tokens(text):
+        seen.append(text)
+        return len(seen) > 2 * 2  # both rows done at the third new token
+
+    dpop.generate.generate_texts(model, tokenizer, prompts, max_new_tokens=12, progress=False,
+                                 stop_when=after_three_tokens)
+    assert len(seen) == 2 * 3  # asked after each of 3 tokens for each row, then generation ended

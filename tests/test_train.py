@@ -97,11 +97,20 @@ def test_rmsprop_cosine_warmup_schedule(tiny_config):
                          max_grad_norm=0.5)
     train(config)
     rows = metrics_rows(Path(config.output_dir))
-    # warmup: lr·s/2 for s = 0, 1; then lr·(1 + cos(π·p))/2 with p = (s − 2)/3 for s = 2, 3, 4
-    expected = [0.0, 5e-4] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 3)) for s in (2, 3, 4)]
+    # warmup: lr·(s + 1)/3 for s = 0, 1; then lr·(1 + cos(π·p))/2 with p = (s − 2)/3 for s = 2, 3, 4
+    expected = [1e-3 / 3, 2e-3 / 3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 3)) for s in (2, 3, 4)]
     assert [row["lr"] for row in rows] == pytest.approx(expected)
-    # the lr of step 1 is 0: the policy is unchanged at step 2, so its rewards are still 0
-    assert abs(rows[1]["rewards/chosen"]) <= 1e-6 and abs(rows[2]["rewards/chosen"]) > 1e-6
+    # the first step already moves the policy (no step at lr 0): its rewards are non-zero at step 2
+    assert abs(rows[0]["rewards/chosen"]) <= 1e-6 and abs(rows[1]["rewards/chosen"]) > 1e-6
+
+
+def test_lr_factor_schedules():
+    from dpop.train import lr_factor
+
+    linear = [lr_factor(s, schedule="linear", warmup_steps=3, total_steps=7) for s in range(8)]
+    assert linear == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [lr_factor(s, schedule="constant", warmup_steps=0, total_steps=3) for s in range(3)] == [1.0] * 3
+    assert lr_factor(5, schedule="cosine", warmup_steps=0, total_steps=10) == pytest.approx(0.5)
 
 
 def test_epochs_decide_the_steps_when_max_steps_is_unset(tiny_config):

@@ -73,7 +73,7 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
     weight_decay: float = _opt(0.0, "Weight decay (decoupled for AdamW).", minimum=0.0)
     scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = _opt(0, "Linear warmup steps.", minimum=0)
+    warmup_steps: int = _opt(0, "Linear warmup steps: step s < N runs at lr·(s+1)/(N+1), so no step is wasted at lr 0.", minimum=0)
     epochs: float = _opt(1.0, "Passes over the data (ignored when max_steps is set).", exclusive_minimum=0.0)
     max_steps: int | None = _opt(None, "Stop after this many optimizer steps (none = as many as epochs take).", minimum=1)
     batch_size: int = _opt(8, "Pairs per micro-batch.", minimum=1)

@@ -105,16 +105,19 @@ def _as_answer(value) -> int | None:
 
 def answer_accuracy(model, tokenizer, pairs, *, batch_size: int, max_new_tokens: int,
                     progress: bool = False) -> tuple[float | None, int]:
-    """(accuracy, rows scored) of greedy generations over pairs whose metadata has an integer `answer`."""
+    """(accuracy, rows scored) of greedy generations over pairs whose metadata has an integer `answer`.
+    A row stops at EOS, at max_new_tokens, or once it has stated an answer ("The answer is 13." then a
+    newline or space): what it states first is what is scored, and a batch is not held up by rows that
+    keep talking after answering."""
     from dpop.generate import generate_texts
-    from dpop.tasks.arithmetic import is_correct
+    from dpop.tasks.arithmetic import is_correct, states_answer
 
     answered = [(pair, _as_answer(pair.metadata.get("answer"))) for pair in pairs if pair.metadata]
     answered = [(pair, answer) for pair, answer in answered if answer is not None]
     if not answered:
         return None, 0
     texts = generate_texts(model, tokenizer, [pair.prompt for pair, _ in answered], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, stop_when=states_answer)
     correct = sum(is_correct(text, answer) for text, (_, answer) in zip(texts, answered))
     return correct / len(answered), len(answered)
 
@@ -122,7 +125,7 @@ def answer_accuracy(model, tokenizer, pairs, *, batch_size: int, max_new_tokens:
 def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3, batch_size: int = 16,
                    max_length: int = 1024, max_prompt_length: int | None = None, generate: bool = True,
                    max_new_tokens: int = 128, precision: str = "fp32", layout: str = "shared",
-                   chunk_tokens: int = 1024, progress: bool = False) -> dict:
+                   chunk_tokens: int = 1024, progress: bool = False, ref_memo: dict | None = None) -> dict:
     """Evaluate `model` on preference `pairs` (PreferencePairs, or row dicts as `dpop data make` writes them).
 
     Returns a dict: pair_accuracy, rewards/accuracies, rewards/chosen, rewards/rejected, rewards/margins,
@@ -131,6 +134,9 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     module docstring); None where a value cannot be computed (the reward keys without `ref_model`).
     `ref_model` must share the tokenizer (e.g. the SFT model a run started from). `precision`: fp32, bf16
     (autocast; on CPU with fp32 attention, set on the models in place: dpop.precision) or auto.
+    `ref_memo`: a dict shared by calls that score the same `pairs` against the same `ref_model` with the
+    same settings, so each batch's reference log-probs are computed once (the demo scores three models
+    against one SFT reference).
     """
     from dpop.config import resolve_precision
     from dpop.data import pairs_from_rows
@@ -153,6 +159,8 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     autocast = autocast_for(precision, device)
     reference = (LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
                                chunk_tokens=chunk_tokens) if ref_model is not None else None)
+    if reference is not None and ref_memo is not None:
+        reference = _memoized(reference, ref_memo)
     stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference, beta=beta,
                         layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
                         chunk_tokens=chunk_tokens)
@@ -167,6 +175,16 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     results.update({"answer_accuracy": accuracy, "num_pairs": len(data.pairs), "num_answer_rows": answered,
                     "dropped_pairs": sum(data.dropped.values())})
     return results
+
+
+def _memoized(reference, memo: dict):
+    def lookup(batch, indices):
+        key = tuple(indices)
+        if key not in memo:
+            memo[key] = reference(batch, indices)
+        return memo[key]
+
+    return lookup
 
 
 def _finite_or_none(value: float) -> float | None:

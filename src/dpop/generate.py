@@ -24,14 +24,29 @@ def prompt_ids(tokenizer, prompt, *, raw: bool = False) -> list[int]:
     return _encode_text(tokenizer, text, special=not templated)
 
 
+class _StopWhen:
+    """A generate() stopping criterion: row r is done once `done(text generated so far)` holds."""
+
+    def __init__(self, done, tokenizer, prompt_width: int):
+        self.done, self.tokenizer, self.prompt_width = done, tokenizer, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([self.done(text) for text in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batch_size: int = 16,
-                   temperature: float = 0.0, raw: bool = False, progress: bool = True, seed: int = 0) -> list[str]:
+                   temperature: float = 0.0, raw: bool = False, progress: bool = True, seed: int = 0,
+                   stop_when=None) -> list[str]:
     """Generate a completion for each prompt (text or messages); greedy when temperature is 0.
 
     Prompts are sorted by length so each batch pads little, and left-padded so generation continues
-    from every prompt's last token.
+    from every prompt's last token. `stop_when(text) -> bool` ends a row early (besides EOS and
+    max_new_tokens), e.g. once it has stated its answer; a batch ends when all its rows have.
     """
+    from transformers import StoppingCriteriaList
+
     from tqdm.auto import tqdm
 
     encoded = [prompt_ids(tokenizer, p, raw=raw) for p in prompts]
@@ -52,6 +67,8 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        if stop_when is not None:
+            sampling["stopping_criteria"] = StoppingCriteriaList([_StopWhen(stop_when, tokenizer, width)])
         generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                                    max_new_tokens=max_new_tokens, pad_token_id=pad,
                                    eos_token_id=tokenizer.eos_token_id, **sampling)

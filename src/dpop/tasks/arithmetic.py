@@ -361,6 +361,21 @@ def extract_answer(text: str) -> int | None:
     return _number_value(numbers[-1]) if numbers else None
 
 
+# A sentence that has certainly ended while text is still being generated: "2." may yet become "2.5".
+_SENTENCE_CLOSED = re.compile(r"\n|\.\s")
+
+
+def states_answer(text: str) -> bool:
+    """Whether a generation in progress has finished an answer statement ("The answer is 13.\n"): the place
+    to stop generating. A statement counts once its sentence is closed by a newline or by "." and a space,
+    so a number still being written ("2." of "2.5") never stops it."""
+    for marker in _ANSWER_MARKER.finditer(text):
+        rest = text[marker.end():]
+        if (end := _SENTENCE_CLOSED.search(rest)) and _NUMBER.search(rest[: end.start()]):
+            return True
+    return False
+
+
 def is_correct(text: str, answer: int) -> bool:
     """Whether the answer `text` states (see `extract_answer`) is `answer`."""
     return extract_answer(text) == answer
