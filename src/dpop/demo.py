@@ -1,7 +1,7 @@
 """`dpop demo`: the DPOP paper's finding, reproduced on the builtin model and task, with a report.
 
-    dpop demo --quick            # ~4.5 minutes on 2 cores: low-edit case only, fewer steps
-    dpop demo --out runs/demo    # ~15 minutes: low-edit and high-edit cases (make demo)
+    dpop demo --quick            # ~3.7 minutes on 2 cores: low-edit case only, fewer steps
+    dpop demo --out runs/demo    # ~13 minutes: low-edit and high-edit cases (make demo)
 
 Stages: (1) make the data (disjoint sft / train / eval problem splits); (2) SFT on chosen answers of the
 sft split, to teach the answer format; (3) from the SFT model as policy and reference, a dpo run and a
@@ -37,8 +37,8 @@ class DemoPlan:
     max_new_tokens: int = 72  # the task's longest solution is 61 tokens; rows also stop once they answer
 
 
-# Every preference run sees each of its pairs once (pairs = steps x batch). Measured on 2 CPU cores: QUICK
-# 4.5 min (target 3); FULL with 50 steps a run took 21.4 min, this 40-step FULL is estimated at ~15 (target 15).
+# Every preference run sees each of its pairs once (pairs = steps x batch). Measured on 2 idle CPU cores:
+# QUICK 3.7 min (target 3: missed), FULL 13.2 min (target 15).
 QUICK = DemoPlan(cases=("low",), sft_pairs=128, sft_steps=16, pairs=160, steps=20, eval_problems=40)
 FULL = DemoPlan(cases=("low", "high"), sft_pairs=256, sft_steps=32, pairs=320, steps=40, eval_problems=64)
 CASE_KEYS = {"low": "low_edit", "high": "high_edit"}
