@@ -1,6 +1,6 @@
 """dpop against TRL 1.16's DPOTrainer: throughput, memory and MFU on the same model, pairs and batch (issue 6).
 
-    make bench                                   # = .venv/bin/python benchmarks/bench.py (~25 min on 2 cores)
+    make bench                                   # = .venv/bin/python benchmarks/bench.py (~40+ min on 2 cores)
     .venv/bin/python benchmarks/bench.py --quick # smoke test: few steps, small scaling table
     .venv/bin/python benchmarks/bench.py --case bench --case curves --dpop-set compile=true
     .venv/bin/python benchmarks/bench.py worker --engine dpop --case bench --steps 8 --warmup 2
