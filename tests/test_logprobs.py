@@ -156,11 +156,14 @@ def test_chunked_peak_memory_stays_bounded():
     assert chunked_large - chunked_small < full_logits / 8  # 16x the work, nowhere near 16x the memory
 
 
+@pytest.mark.parametrize("sub_rows", [128, 3])  # 3: every chunk of 10 rows is done in several pieces
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_linear_head_matches_log_softmax_with_gradients(autocast):
+def test_fused_linear_head_matches_log_softmax_with_gradients(autocast, sub_rows, monkeypatch):
     """The hand-written backward of the fused head equals autograd through log_softmax + gather."""
+    import dpop.logprobs
     from dpop.logprobs import _fused_head, token_logps_chunked
 
+    monkeypatch.setattr(dpop.logprobs, "_SUB_ROWS", sub_rows)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(37, 16, requires_grad=True)

@@ -63,23 +63,37 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head, config
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (C,)
 
 
+# Rows of (rows x vocab) fp32 work the fused head does at a time: 8 MiB x (vocab / 16k) bytes, 24 MiB at
+# SmolLM2's 49k vocab. glibc serves blocks under 32 MiB from its heap and reuses them; larger ones are mmapped
+# and page-faulted in, zero-filled, on every use. With whole-chunk fp32 logits (1024 x 49k: 200 MB, several
+# per step) that was a large part of a step's system time.
+_SUB_ROWS = 128
+
+
 class _LinearTokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[target] for one chunk, with a hand-written backward.
 
     Forward keeps only the log-sum-exp (C,), never the (C, V) logits. Backward recomputes the logits once and
     uses d logp / d logits = onehot(target) - softmax(logits), so neither log_softmax's output, nor its
     backward, nor gather's (C, V) zero-filled gradient ever exists: on the builtin model that was ~15% of a
-    training step (docs/performance.md). Matmuls run in the forward's autocast dtype (if any), softmax in fp32.
+    training step (docs/performance.md). Matmuls run in the forward's autocast dtype (if any), softmax in fp32,
+    _SUB_ROWS rows at a time; the weight is cast once per pass.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         device = hidden.device.type
         ctx.compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        dtype = ctx.compute_dtype or hidden.dtype
+        target_logits = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        log_normalizer = torch.empty_like(target_logits)
         with torch.autocast(device, enabled=False):
-            logits = _LinearTokenLogps._logits(hidden, weight, ctx.compute_dtype)  # (C, V) fp32
-            log_normalizer = torch.logsumexp(logits, dim=-1)  # (C,)
-            target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+            w = weight.to(dtype)
+            for start in range(0, hidden.shape[0], _SUB_ROWS):
+                rows = slice(start, start + _SUB_ROWS)
+                logits = (hidden[rows].to(dtype) @ w.T).float()  # (S, V) fp32
+                log_normalizer[rows] = torch.logsumexp(logits, dim=-1)
+                target_logits[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1)
         ctx.save_for_backward(hidden, weight, targets, log_normalizer)
         return target_logits - log_normalizer
 
@@ -88,18 +102,18 @@ class _LinearTokenLogps(torch.autograd.Function):
         hidden, weight, targets, log_normalizer = ctx.saved_tensors
         dtype = ctx.compute_dtype or hidden.dtype
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = _LinearTokenLogps._logits(hidden, weight, ctx.compute_dtype)
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_().mul_(-grad_output[:, None])  # -g·softmax
-            grad_logits.scatter_add_(-1, targets[:, None], grad_output[:, None].float())  # + g·onehot
-            grad_logits = grad_logits.to(dtype)
-            grad_hidden = (grad_logits @ weight.to(dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            grad_weight = (grad_logits.T @ hidden.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            w, h = weight.to(dtype), hidden.to(dtype)
+            grad_logits = h.new_empty(h.shape[0], w.shape[0])  # (C, V) in the matmul dtype
+            for start in range(0, h.shape[0], _SUB_ROWS):
+                rows = slice(start, start + _SUB_ROWS)
+                g = grad_output[rows, None].float()
+                logits = (h[rows] @ w.T).float()
+                logits.sub_(log_normalizer[rows, None]).exp_().mul_(-g)  # -g·softmax
+                logits.scatter_add_(-1, targets[rows, None], g)  # + g·onehot
+                grad_logits[rows] = logits
+            grad_hidden = (grad_logits @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad_logits.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None
-
-    @staticmethod
-    def _logits(hidden, weight, compute_dtype):
-        dtype = compute_dtype or hidden.dtype
-        return (hidden.to(dtype) @ weight.to(dtype).T).float()
 
 
 def _fused_head(head, config) -> bool:
