@@ -436,6 +436,7 @@ def _stop(run: Run, signal_name: str) -> None:
     """The run stopped on a signal after a whole step, which the loop has checkpointed: RunStopped."""
     checkpoint = run.run_dir / "checkpoints" / f"step-{run.state.step}"
     run.accelerator.end_training()
+    distributed.shut_down()
     raise run_stopped(signal_name, run.state.step, run.total_steps, checkpoint, run.config)
 
 
