@@ -252,7 +252,7 @@ def run_long_case(run: Runner, plan: Plan, args, rate) -> tuple[list, dict]:
 
 def _dpop_variants(with_dpop_loss: bool) -> list[tuple[str, list[str]]]:
     """dpop's settings compared with TRL: loss dpo (TRL's loss) with checkpointing off (the default) and on,
-    and optionally loss dpop (speed only: same work as dpo)."""
+    and optionally loss dpop (reported, not compared: TRL has no such loss)."""
     variants = [("loss=dpo", ["--loss", "dpo"]),
                 ("loss=dpo gc=on", ["--loss", "dpo", "--set", "gradient_checkpointing=true"])]
     if with_dpop_loss:

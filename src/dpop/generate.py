@@ -45,9 +45,8 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
     from every prompt's last token. `stop_when(text) -> bool` ends a row early (besides EOS and
     max_new_tokens), e.g. once it has stated its answer; a batch ends when all its rows have.
     """
-    from transformers import StoppingCriteriaList
-
     from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
 
     encoded = [prompt_ids(tokenizer, p, raw=raw) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
