@@ -1,6 +1,7 @@
 """`dpop eval` and evaluate_model on a tiny model: the metrics against a naive per-sequence computation, the
 reference-dependent keys, answer accuracy, the table and the JSON file."""
 
+import copy
 import json
 import math
 
@@ -99,24 +100,52 @@ def test_dpop_eval_errors_are_one_line_without_traceback(argv, message, tiny_mod
     assert message in err and "Traceback" not in err
 
 
-def test_reference_memo_scores_the_reference_once_and_changes_nothing(tiny, eval_pairs_file, monkeypatch):
+def _count_reference_calls(monkeypatch) -> list:
     import dpop.reference
 
-    model, tokenizer = tiny
-    pairs = load_pairs(eval_pairs_file).pairs
-    plain = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False)
     calls = []
     real_call = dpop.reference.LiveReference.__call__
     monkeypatch.setattr(dpop.reference.LiveReference, "__call__",
                         lambda self, batch, indices: calls.append(tuple(indices)) or real_call(self, batch, indices))
+    return calls
+
+
+def test_reference_memo_scores_the_reference_once_and_changes_nothing(tiny, eval_pairs_file, monkeypatch):
+    model, tokenizer = tiny
+    reference = copy.deepcopy(model)
+    pairs = load_pairs(eval_pairs_file).pairs
+    plain = evaluate_model(model, tokenizer, pairs, ref_model=reference, batch_size=4, max_length=256,
+                           generate=False)
+    calls = _count_reference_calls(monkeypatch)
     memo = {}
-    first = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False,
-                           ref_memo=memo)
+    first = evaluate_model(model, tokenizer, pairs, ref_model=reference, batch_size=4, max_length=256,
+                           generate=False, ref_memo=memo)
     batches = len(calls)
-    second = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False,
-                            ref_memo=memo)
+    second = evaluate_model(model, tokenizer, pairs, ref_model=reference, batch_size=4, max_length=256,
+                            generate=False, ref_memo=memo)
     assert batches == len(memo) == 2 and len(calls) == batches  # 6 pairs in batches of 4: scored once, reused
     assert first == second == plain
+
+
+def test_a_model_scored_against_itself_runs_once_and_fills_the_memo(tiny, eval_pairs_file, monkeypatch):
+    model, tokenizer = tiny
+    pairs = load_pairs(eval_pairs_file).pairs
+    against_copy = evaluate_model(model, tokenizer, pairs, ref_model=copy.deepcopy(model), batch_size=4,
+                                  max_length=256, generate=False)
+    calls = _count_reference_calls(monkeypatch)
+    memo = {}
+    itself = evaluate_model(model, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256,
+                            generate=False, ref_memo=memo)
+    assert calls == [] and len(memo) == 2
+    assert itself == against_copy and itself["rewards/margins"] == 0.0 and itself["logps/chosen_delta"] == 0.0
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)  # a different policy, scored against the first through the memo
+    later = evaluate_model(other, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256,
+                           generate=False, ref_memo=memo)
+    fresh = evaluate_model(other, tokenizer, pairs, ref_model=model, batch_size=4, max_length=256, generate=False)
+    assert len(calls) == 2  # only the fresh evaluation ran the reference
+    assert later == fresh and later["logps/chosen_delta"] != 0.0
 
 
 def test_generation_stops_a_row_once_it_says_so(tiny):
@@ -131,3 +160,44 @@ def test_generation_stops_a_row_once_it_says_so(tiny):
     dpop.generate.generate_texts(model, tokenizer, prompts, max_new_tokens=12, progress=False,
                                  stop_when=after_three_tokens)
     assert len(seen) == 2 * 3  # asked after each of 3 tokens for each row, then generation ended
+
+
+def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
+    from transformers import StoppingCriteriaList
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: the tiny model's greedy tokens then differ from row to row
+        for parameter in model.parameters():
+            parameter.normal_(std=0.5) if parameter.dim() > 1 else None
+    prompts = ["What is 2 + 3?", "Seven times six, please: what is it?", "1 + 1?", "Add 12 and 30 and 5, then say it."]
+    encoded = [dpop.generate.prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+    done = lambda ids: len(ids) >= 2 + ids[0] % 7  # rows finish at different steps, set by their first token  # noqa: E731
+
+    rows_per_call = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: rows_per_call.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        new = dpop.generate.greedy_ids(model, input_ids, attention_mask, max_new_tokens=10,
+                                       eos_token_id=tokenizer.eos_token_id, done=done)
+    finally:
+        hook.remove()
+    assert len({len(ids) for ids in new}) > 1  # the rows did finish at different steps
+    assert rows_per_call[0] == len(prompts) and rows_per_call == sorted(rows_per_call, reverse=True)
+    assert rows_per_call[-1] < len(prompts)  # finished rows left the batch
+
+    class Done:  # the same rule as a generate() stopping criterion
+        def __call__(self, ids, scores, **kwargs):
+            return torch.tensor([done(row[width:].tolist()) for row in ids])
+
+    for row in range(len(prompts)):  # HF's generate, one row at a time (no padding effects)
+        generated = model.generate(input_ids=input_ids[row:row + 1], attention_mask=attention_mask[row:row + 1],
+                                   do_sample=False, max_new_tokens=10, pad_token_id=pad,
+                                   eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([Done()]))
+        expected = [t for t in generated[0, width:].tolist() if t != tokenizer.eos_token_id]
+        assert new[row] == expected

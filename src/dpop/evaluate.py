@@ -68,7 +68,10 @@ def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, refere
             with autocast():
                 policy = (forward(batch) if forward is not None else
                           sequence_logps(model, batch, chunk_tokens=chunk_tokens))
-            ref = reference(batch, indices) if reference is not None else None
+            if isinstance(reference, OwnReference):
+                ref = reference.record(indices, policy)
+            else:
+                ref = reference(batch, indices) if reference is not None else None
             losses, chosen_rewards, rejected_rewards = pair_losses(loss, policy, ref, beta=beta, options=options)
             record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
                          policy=policy, ref_chosen=ref.chosen if ref else None,
@@ -159,7 +162,9 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     autocast = autocast_for(precision, device)
     reference = (LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
                                chunk_tokens=chunk_tokens) if ref_model is not None else None)
-    if reference is not None and ref_memo is not None:
+    if ref_model is not None and ref_model is model:  # no second forward of the same model
+        reference = OwnReference(ref_memo if ref_memo is not None else {})
+    elif reference is not None and ref_memo is not None:
         reference = _memoized(reference, ref_memo)
     stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference, beta=beta,
                         layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
@@ -175,6 +180,23 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     results.update({"answer_accuracy": accuracy, "num_pairs": len(data.pairs), "num_answer_rows": answered,
                     "dropped_pairs": sum(data.dropped.values())})
     return results
+
+
+class OwnReference:
+    """score_pairs' reference when the scored model is the reference model itself (the demo's SFT row):
+    the policy's own log-probs, which are the same computation, so the model runs once per batch. Each
+    batch's values are kept in `memo` under its pair indices, as `_memoized` keeps them, so models scored
+    later against this one with the same memo reuse them."""
+
+    def __init__(self, memo: dict):
+        self.memo = memo
+
+    def record(self, indices, policy: SequenceLogps):
+        from dpop.reference import RefLogps
+
+        ref = RefLogps(policy.chosen.detach().float(), policy.rejected.detach().float())
+        self.memo[tuple(indices)] = ref
+        return ref
 
 
 def _memoized(reference, memo: dict):

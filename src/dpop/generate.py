@@ -36,6 +36,46 @@ class _StopWhen:
 
 
 @torch.no_grad()
+def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_token_id: int | None,
+               done=None) -> list[list[int]]:
+    """Greedy decoding of left-padded prompts that drops each row from the batch once it is finished (EOS,
+    max_new_tokens, or `done(new ids)`), so a batch stops paying for rows that are done: every step's
+    matmuls and KV cache hold only live rows. Returns each row's new ids, EOS excluded. The tokens are
+    generate(do_sample=False)'s: the same positions (from the attention mask), cache and argmax."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    positions = positions[:, -1:]
+    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    live = list(range(input_ids.shape[0]))  # batch row j holds prompt live[j]
+    for _ in range(max_new_tokens):
+        tokens = logits[:, -1].argmax(-1)
+        keep = []
+        for j, token in enumerate(tokens.tolist()):
+            if token == eos_token_id:
+                continue
+            ids = new[live[j]]
+            ids.append(token)
+            if len(ids) < max_new_tokens and not (done is not None and done(ids)):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=tokens.device)
+            cache.batch_select_indices(index)
+            tokens, attention_mask, positions = tokens[index], attention_mask[index], positions[index]
+            live = [live[j] for j in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
+        positions = positions + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits
+    return new
+
+
+@torch.no_grad()
 def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batch_size: int = 16,
                    temperature: float = 0.0, raw: bool = False, progress: bool = True, seed: int = 0,
                    stop_when=None) -> list[str]:
@@ -65,14 +105,19 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
             ids = encoded[i]
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        if stop_when is not None:
-            sampling["stopping_criteria"] = StoppingCriteriaList([_StopWhen(stop_when, tokenizer, width)])
-        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                   eos_token_id=tokenizer.eos_token_id, **sampling)
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+        if temperature > 0:
+            criteria = StoppingCriteriaList([_StopWhen(stop_when, tokenizer, width)] if stop_when else [])
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                       temperature=temperature, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                       eos_token_id=tokenizer.eos_token_id, stopping_criteria=criteria)
+            new_ids = [generated[row, width:] for row in range(len(chunk))]
+        else:
+            done = (lambda ids: stop_when(tokenizer.decode(ids, skip_special_tokens=True))) if stop_when else None
+            new_ids = greedy_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id, done=done)
         for row, i in enumerate(chunk):
-            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            outputs[i] = tokenizer.decode(new_ids[row], skip_special_tokens=True).strip()
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
