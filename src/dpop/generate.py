@@ -83,7 +83,8 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
 
     Prompts are sorted by length so each batch pads little, and left-padded so generation continues
     from every prompt's last token. `stop_when(text) -> bool` ends a row early (besides EOS and
-    max_new_tokens), e.g. once it has stated its answer; a batch ends when all its rows have.
+    max_new_tokens), e.g. once it has stated its answer. Greedy decoding drops finished rows from the batch
+    (greedy_ids); sampling runs HF's generate, where a batch ends when all its rows have.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
