@@ -39,7 +39,7 @@ test-fast: model
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # dpop against TRL's DPOTrainer on the builtin model: throughput, memory, MFU, a scaling table and bf16 vs fp32
-# loss curves (about 25 minutes on 2 idle cores; timings on a busy machine mean nothing). Results and the
+# loss curves (about 40 minutes on 2 idle cores; timings on a busy machine mean nothing). Results and the
 # machine's description go to benchmarks/results/<timestamp>.json. Smoke test: benchmarks/bench.py --quick
 bench: model
 	$(BIN)/python benchmarks/bench.py
