@@ -281,9 +281,10 @@ def agree_on_stop(received: str | None, processes) -> str | None:
 # --- the engines ----------------------------------------------------------------------------------------
 
 def shut_down() -> None:
-    """Leave the process group together before the interpreter exits. Exiting with it alive lets its
-    destructor race gloo's background threads; seen once as 'terminate called without an active exception'
-    (SIGABRT) in a worker that had stopped cleanly on SIGTERM."""
+    """Leave the process group together before the interpreter exits, at a run's end and on a stop.
+    Exiting with it alive lets its destructor race gloo's background threads: seen as 'terminate called
+    without an active exception' (SIGABRT) in a worker that had stopped cleanly on SIGTERM, and in one that
+    had finished a run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

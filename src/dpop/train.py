@@ -397,6 +397,7 @@ def train(config: TrainConfig) -> dict:
     if main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(summary_line(run.state.step, last_row, final_eval, final), flush=True)
+    distributed.shut_down()  # a multi-process run leaves its process group together (no-op for one process)
     return summary
 
 
