@@ -201,3 +201,16 @@ def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
                                    eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([Done()]))
         expected = [t for t in generated[0, width:].tolist() if t != tokenizer.eos_token_id]
         assert new[row] == expected
+
+
+def test_greedy_decoding_reports_each_finished_row_once(tiny):
+    model, tokenizer = tiny
+    input_ids = torch.tensor([dpop.generate.prompt_ids(tokenizer, "What is 2 + 3?")] * 3)
+    finished = []
+    new = dpop.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=4,
+                                   eos_token_id=None, done=lambda ids: len(ids) >= 2, on_finished=finished.append)
+    assert [len(ids) for ids in new] == [2, 2, 2] and finished == [3]
+    finished.clear()
+    assert dpop.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=0,
+                                    eos_token_id=None, on_finished=finished.append) == [[], [], []]
+    assert finished == [3]

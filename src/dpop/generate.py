@@ -37,19 +37,24 @@ class _StopWhen:
 
 @torch.no_grad()
 def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_token_id: int | None,
-               done=None) -> list[list[int]]:
+               done=None, on_finished=None) -> list[list[int]]:
     """Greedy decoding of left-padded prompts that drops each row from the batch once it is finished (EOS,
     max_new_tokens, or `done(new ids)`), so a batch stops paying for rows that are done: every step's
     matmuls and KV cache hold only live rows. Returns each row's new ids, EOS excluded. The tokens are
-    generate(do_sample=False)'s: the same positions (from the attention mask), cache and argmax."""
+    generate(do_sample=False)'s: the same positions (from the attention mask), cache and argmax.
+    `on_finished(n)` is told each time n rows finish (a progress bar)."""
     from transformers import DynamicCache
 
+    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    if max_new_tokens < 1:
+        if on_finished is not None:
+            on_finished(len(new))
+        return new
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     positions = positions[:, -1:]
-    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     live = list(range(input_ids.shape[0]))  # batch row j holds prompt live[j]
     for _ in range(max_new_tokens):
         tokens = logits[:, -1].argmax(-1)
@@ -61,6 +66,8 @@ def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_tok
             ids.append(token)
             if len(ids) < max_new_tokens and not (done is not None and done(ids)):
                 keep.append(j)
+        if on_finished is not None and len(keep) < len(live):
+            on_finished(len(live) - len(keep))
         if not keep:
             break
         if len(keep) < len(live):
@@ -72,7 +79,7 @@ def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_tok
         positions = positions + 1
         logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions,
                        past_key_values=cache, use_cache=True).logits
-    return new
+    return new  # every row ends inside the loop: at max_new_tokens at the latest
 
 
 @torch.no_grad()
@@ -113,13 +120,13 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
                                        temperature=temperature, max_new_tokens=max_new_tokens, pad_token_id=pad,
                                        eos_token_id=tokenizer.eos_token_id, stopping_criteria=criteria)
             new_ids = [generated[row, width:] for row in range(len(chunk))]
+            bar.update(len(chunk))
         else:
             done = (lambda ids: stop_when(tokenizer.decode(ids, skip_special_tokens=True))) if stop_when else None
             new_ids = greedy_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, done=done)
+                                 eos_token_id=tokenizer.eos_token_id, done=done, on_finished=bar.update)
         for row, i in enumerate(chunk):
             outputs[i] = tokenizer.decode(new_ids[row], skip_special_tokens=True).strip()
-        bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     return outputs
