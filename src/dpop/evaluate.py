@@ -160,12 +160,15 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
         if each is not None:
             prepare_model(each, precision, device)
     autocast = autocast_for(precision, device)
-    reference = (LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
-                               chunk_tokens=chunk_tokens) if ref_model is not None else None)
-    if ref_model is model and not hasattr(model, "disable_adapter"):  # no second forward of the same model
+    if ref_model is None:
+        reference = None
+    elif ref_model is model and not hasattr(model, "disable_adapter"):  # no second forward of the same model
         reference = OwnReference(ref_memo if ref_memo is not None else {})
-    elif reference is not None and ref_memo is not None:
-        reference = _memoized(reference, ref_memo)
+    else:
+        reference = LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
+                                  chunk_tokens=chunk_tokens)
+        if ref_memo is not None:
+            reference = _memoized(reference, ref_memo)
     stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference, beta=beta,
                         layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
                         chunk_tokens=chunk_tokens)

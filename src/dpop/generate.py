@@ -104,6 +104,7 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
     model.eval()
     torch.manual_seed(seed)
     bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress or len(encoded) < 2)
+    done = (lambda ids: stop_when(tokenizer.decode(ids, skip_special_tokens=True))) if stop_when else None
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
@@ -122,7 +123,6 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
             new_ids = [generated[row, width:] for row in range(len(chunk))]
             bar.update(len(chunk))
         else:
-            done = (lambda ids: stop_when(tokenizer.decode(ids, skip_special_tokens=True))) if stop_when else None
             new_ids = greedy_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, done=done, on_finished=bar.update)
         for row, i in enumerate(chunk):
