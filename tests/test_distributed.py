@@ -262,3 +262,13 @@ def test_each_accelerate_config_maps_to_its_engine():
         assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
         # ZeRO-3 splits the weights: final/ needs them gathered in 16 bit on the main process
         assert settings["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)
+
+
+def test_a_worker_leaves_with_its_code_and_its_output_flushed():
+    """exit_worker skips the interpreter's teardown (gloo's threads abort it): what the worker printed to a pipe
+    (block-buffered) must still arrive, and torchrun must see the command's exit code."""
+    script = ("import sys; from dpop.distributed import exit_worker; "
+              "print('done'); print('warned', file=sys.stderr); exit_worker(3)")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "done\n", "warned\n")

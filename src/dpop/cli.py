@@ -297,12 +297,23 @@ def keep_freed_memory() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpop.stopping import RunStopped  # stdlib only: signal handling
+    import os
 
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
     keep_freed_memory()
+    code = _run_command(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a process of a multi-process run (torchrun, accelerate)
+        from dpop.distributed import exit_worker
+
+        exit_worker(code)
+    return code
+
+
+def _run_command(args) -> int:
+    from dpop.stopping import RunStopped  # stdlib only: signal handling
+
     try:
         return int(args.run(args) or 0)
     except RunStopped as stopped:  # a clean stop on SIGINT/SIGTERM, checkpoint written: not a failure

@@ -389,7 +389,6 @@ def train(config: TrainConfig) -> dict:
     if main:
         save_final(run.run_dir, run.accelerator.unwrap_model(run.model), run.tokenizer,
                    adapter_only=config.lora_save == "adapter", state_dict=weights)
-    run.accelerator.end_training()
     summary = {"steps": run.state.step, "pairs_seen": run.state.pairs_seen, "skipped_steps": run.state.skipped_steps,
                "final_model": str(final), "train_pairs": len(run.data.train.pairs),
                "dropped_pairs": run.data.train.dropped, "watch_fired_at": watch.fired_at,
@@ -397,7 +396,7 @@ def train(config: TrainConfig) -> dict:
     if main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(summary_line(run.state.step, last_row, final_eval, final), flush=True)
-    distributed.shut_down()  # a multi-process run leaves its process group together (no-op for one process)
+    distributed.shut_down(run.accelerator)
     return summary
 
 
@@ -436,8 +435,7 @@ def _log(run: Run, log: MetricsLog, row: dict) -> None:
 def _stop(run: Run, signal_name: str) -> None:
     """The run stopped on a signal after a whole step, which the loop has checkpointed: RunStopped."""
     checkpoint = run.run_dir / "checkpoints" / f"step-{run.state.step}"
-    run.accelerator.end_training()
-    distributed.shut_down()
+    distributed.shut_down(run.accelerator)
     raise run_stopped(signal_name, run.state.step, run.total_steps, checkpoint, run.config)
 
 
