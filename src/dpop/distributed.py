@@ -291,13 +291,13 @@ def shut_down(accelerator) -> None:
 def exit_worker(code: int) -> NoReturn:
     """End a process of a multi-process run with `code`, skipping the interpreter's teardown.
 
-    destroy_process_group does not stop gloo's threads (two pt_gloo_runloop and a gloo_tcp_loop are still alive
-    after it and a gc.collect(), with no DDP or ProcessGroup object left in Python: C++ keeps the group), and
-    tearing the interpreter down around them aborted a worker that had finished cleanly: 'terminate called
-    without an active exception' (SIGABRT) with no Python frame: 3 of 51 two-process test runs on this machine
-    (torch 2.13), and 1 of 76 with the barrier in `shut_down`. torchrun then reports the run failed. Everything a run
-    writes is closed before this (metrics, checkpoints, final model, summary), so the worker flushes its
-    streams and logging and leaves at once, as multiprocessing's children do."""
+    destroy_process_group does not stop gloo's threads: two pt_gloo_runloop and a gloo_tcp_loop are still alive
+    after it and a gc.collect(), with no DDP or ProcessGroup object left in Python (C++ keeps the group). Tearing
+    the interpreter down around them aborted workers that had finished cleanly ('terminate called without an
+    active exception', SIGABRT, no Python frame) in 3 of 51 two-process test runs here (torch 2.13), and in 1 of
+    76 with the barrier in `shut_down`; torchrun then reports the run failed. Everything a run writes is closed
+    by now (metrics, checkpoints, final model, summary), so the worker flushes its streams and logging and
+    leaves at once, as multiprocessing's children do."""
     import logging
 
     sys.stdout.flush()
