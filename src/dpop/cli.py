@@ -304,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
     keep_freed_memory()
     code = _run_command(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a process of a multi-process run (torchrun, accelerate)
-        from dpop.distributed import exit_worker
+    if "WORLD_SIZE" in os.environ:  # under torchrun or accelerate launch (dpop.distributed and torch are loaded)
+        from dpop import distributed
 
-        exit_worker(code)
+        if distributed.launched_processes() > 1:
+            distributed.exit_worker(code)
     return code
 
 
