@@ -16,16 +16,19 @@ the same environment (torch threads, offline HF libraries, no progress bars). Ev
 - matmul: the bf16 (and fp32) matmul rate at the model's shapes, the denominator of MFU (bench_flops.py).
 - bench: builtin low-edit pairs, batch 8, max_length 256. TRL in its best configuration (bf16 autocast +
   precomputed reference log-probs; with and without gradient checkpointing, TRL's default being on: the
-  faster one is the throughput anchor, the smaller one the memory anchor), dpop's best configuration (bf16,
-  precomputed reference, TrainConfig's default layout) with loss dpo (parity with TRL), the same with
-  gradient checkpointing (dpop's smaller-memory setting), and with loss dpop. Throughput compares the
-  faster dpop (dpo) setting with the faster TRL one, memory the smaller with the smaller.
+  faster one is the throughput anchor, the smaller one the memory anchor), dpop's best configuration (its
+  default precision, bf16-sr on bf16 hardware; precomputed reference, TrainConfig's default layout) with
+  loss dpo (parity with TRL), the same with gradient checkpointing (dpop's smaller-memory setting), with
+  loss dpop, and with loss dpo in plain bf16 autocast (the speed the default must keep). Throughput
+  compares the faster dpop (dpo, default precision) setting with the faster TRL one, memory the smaller
+  with the smaller.
 - long: prompt ~512 + responses ~512 tokens, batch 2, max_length 1100; dpop (dpo, checkpointing off and on)
   and TRL with its default gradient checkpointing on (its smaller-memory setting, so the memory anchor).
 - scaling: dpop (dpo) pairs/s and peak RSS against response length (64, 256, 1024) and batch.
-- curves: TrainConfig's defaults (its learning rate) for 50 steps of 4 pairs of the bench workload, in fp32
-  and in bf16, same pairs and seed, for the default loss (dpop) and for dpo; the largest and the mean of
-  |loss_bf16 - loss_fp32| / loss_fp32 over the steps.
+- curves: TrainConfig's defaults (its learning rate) for 50 steps of 4 pairs of the bench workload, in fp32,
+  bf16 autocast and bf16-sr, same pairs and seed, for dpo, dpop and sft: the largest and the mean of
+  |loss - loss_fp32| / loss_fp32 over the steps, and the step's chosen delta (lw - rw) and margin
+  ((lw - rw) - (ll - rl), nats) at steps 10, 25 and 50 beside fp32's.
 
 How each number is computed (per worker, over the timed steps only, i.e. after `warmup` steps):
 - step time: median of the optimizer steps' wall times. dpop: perf_counter around `train_step` (batch
@@ -64,7 +67,13 @@ sys.path.insert(0, str(HERE))
 from bench_report import (TARGETS, compare, curve_difference, print_header, print_report,  # noqa: E402
                           summarize, target_rows)
 
+from dpop.config import resolve_precision  # noqa: E402
+
 ALL_CASES = ("bench", "long", "scaling", "curves")
+DEFAULT_PRECISION = resolve_precision("auto")  # what a dpop user gets on this machine
+AUTOCAST_LABEL = "loss=dpo bf16-autocast"
+CURVE_LOSSES = ("dpo", "dpop", "sft")
+CURVE_PRECISIONS = ("fp32", "bf16", "bf16-sr")
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ def run_bench_case(run: Runner, plan: Plan, args, rate) -> tuple[list, dict]:
                                    plan.memory, checkpointing, args))
     if "dpop" in args.engines:
         for label, extra in _dpop_variants(True):
-            results.append(run.measure(f"dpop bf16+precompute {label}",
+            results.append(run.measure(f"dpop {DEFAULT_PRECISION}+precompute {label}",
                                        ["--engine", "dpop", "--case", "bench", *extra, *_dpop_args(args)],
                                        plan.bench, plan.memory))
     summaries = [summarize(r, rate) for r in results]
@@ -250,13 +259,14 @@ def run_long_case(run: Runner, plan: Plan, args, rate) -> tuple[list, dict]:
     return summaries, compare(summaries)
 
 
-def _dpop_variants(with_dpop_loss: bool) -> list[tuple[str, list[str]]]:
-    """dpop's settings compared with TRL: loss dpo (TRL's loss) with checkpointing off (the default) and on,
-    and optionally loss dpop (reported, not compared: TRL has no such loss)."""
+def _dpop_variants(bench_case: bool) -> list[tuple[str, list[str]]]:
+    """dpop's settings compared with TRL, all in dpop's default precision: loss dpo (TRL's loss) with
+    checkpointing off (the default) and on. The bench case adds loss dpop and loss dpo in plain bf16
+    autocast (the old default, the speed the default must keep), both reported, not compared with TRL."""
     variants = [("loss=dpo", ["--loss", "dpo"]),
                 ("loss=dpo gc=on", ["--loss", "dpo", "--set", "gradient_checkpointing=true"])]
-    if with_dpop_loss:
-        variants.append(("loss=dpop", ["--loss", "dpop"]))
+    if bench_case:
+        variants += [("loss=dpop", ["--loss", "dpop"]), (AUTOCAST_LABEL, ["--loss", "dpo", "--precision", "bf16"])]
     return variants
 
 
@@ -274,19 +284,18 @@ def run_scaling(run: Runner, plan: Plan, args, rate) -> list:
 
 
 def run_curves(run: Runner, plan: Plan, args) -> dict:
-    """TrainConfig's defaults (learning rate, layout) on the bench workload, fp32 then bf16, for the default
-    loss and for dpo: {loss: difference or None}."""
-    from dpop.config import TrainConfig
-
+    """TrainConfig's defaults (learning rate, layout) on the bench workload in each precision, for dpo, dpop
+    and sft: {loss: {precision: difference from fp32, or None}}."""
     curves = {}
-    for loss in dict.fromkeys((TrainConfig.loss, "dpo")):
+    for loss in CURVE_LOSSES:
         results = {}
-        for precision in ("fp32", "bf16"):
+        for precision in CURVE_PRECISIONS:
             results[precision] = run(f"dpop curve {loss} {precision}",
                                      ["--engine", "dpop", "--case", "curve", "--precision", precision,
                                       "--loss", loss, "--batch-size", str(plan.curve_batch),
                                       *steps_args(0, plan.curve_steps), *_dpop_args(args)])
-        curves[loss] = curve_difference(results["fp32"], results["bf16"])
+        curves[loss] = {precision: curve_difference(results["fp32"], results[precision])
+                        for precision in CURVE_PRECISIONS if precision != "fp32"}
     return curves
 
 
@@ -372,7 +381,8 @@ def parse_args(argv: list[str]):
         parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
         parser.add_argument("--warmup", type=int, default=2, help="optimizer steps run before the timed ones")
         parser.add_argument("--batch-size", type=int, default=None, help="override the case's batch size")
-        parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+        parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "bf16-sr"), default="auto",
+                            help="dpop's precision (auto: dpop's default); TRL runs bf16 autocast unless fp32")
         parser.add_argument("--loss", default="dpo", help="dpop's loss (TRL always runs DPO's sigmoid loss)")
         parser.add_argument("--layout", default=None, help="dpop's layout (default: TrainConfig's)")
         parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)

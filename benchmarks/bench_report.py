@@ -7,7 +7,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-TARGETS = dict(throughput_ratio=4.0, mfu=0.50, bench_rss_ratio=0.7, long_rss_ratio=0.5, curve_rel_diff=0.02)
+TARGETS = dict(throughput_ratio=4.0, mfu=0.50, bench_rss_ratio=0.7, long_rss_ratio=0.5, curve_mean_rel_diff=0.05,
+               curve_nats=0.3, curve_rel=0.10, autocast_speed_ratio=1.0)
+CURVE_CHECK_STEPS = (10, 25, 50)
+DEFAULT_CURVE = "bf16-sr"  # the precision whose fidelity is targeted (dpop's default where bf16 is fast)
 
 
 # --- summaries ------------------------------------------------------------------------------------------
@@ -33,16 +36,39 @@ def summarize(result: dict | None, bf16_rate_gflops: float | None) -> dict | Non
             "tokens_per_pair": (lengths["prompt"], lengths["chosen"], lengths["rejected"])}
 
 
-def curve_difference(fp32: dict | None, bf16: dict | None) -> dict | None:
-    """Relative difference |bf16 - fp32| / |fp32| of the per-step losses: max and mean over the steps."""
-    if fp32 is None or bf16 is None:
+def curve_difference(fp32: dict | None, other: dict | None) -> dict | None:
+    """Relative difference |other - fp32| / |fp32| of the per-step losses (max and mean over the steps), and
+    the chosen delta and margin (nats) of both at CURVE_CHECK_STEPS (1-based; those the run reached)."""
+    if fp32 is None or other is None:
         return None
-    pairs = [(a["loss"], b["loss"]) for a, b in zip(fp32["steps"], bf16["steps"])]
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(fp32["steps"], other["steps"])]
     relative = [abs(b - a) / abs(a) for a, b in pairs if a]
+    checks = {}
+    for step in CURVE_CHECK_STEPS:
+        if step <= min(len(fp32["steps"]), len(other["steps"])):
+            a, b = fp32["steps"][step - 1], other["steps"][step - 1]
+            checks[step] = {key: {"fp32": a.get(key), "other": b.get(key)} for key in ("chosen_delta", "margin_nats")}
     return {"steps": len(pairs), "max_rel_diff": max(relative), "mean_rel_diff": statistics.mean(relative),
-            "fp32_losses": [a for a, _ in pairs], "bf16_losses": [b for _, b in pairs],
+            "fp32_losses": [a for a, _ in pairs], "losses": [b for _, b in pairs], "checks": checks,
             "fp32_step_s": statistics.median(s["seconds"] for s in fp32["steps"][1:] or fp32["steps"]),
-            "bf16_step_s": statistics.median(s["seconds"] for s in bf16["steps"][1:] or bf16["steps"])}
+            "step_s": statistics.median(s["seconds"] for s in other["steps"][1:] or other["steps"])}
+
+
+def within_tolerance(reference: float | None, value: float | None) -> bool | None:
+    """|value - reference| <= max(10% of |reference|, 0.3 nats) (None where either is missing)."""
+    if reference is None or value is None:
+        return None
+    return abs(value - reference) <= max(TARGETS["curve_rel"] * abs(reference), TARGETS["curve_nats"])
+
+
+def worst_check(curve: dict | None) -> float | None:
+    """The largest |value - fp32| / allowed over a curve's chosen-delta and margin checks (<= 1: within)."""
+    if not curve or not curve.get("checks"):
+        return None
+    ratios = [abs(v["other"] - v["fp32"]) / max(TARGETS["curve_rel"] * abs(v["fp32"]), TARGETS["curve_nats"])
+              for check in curve["checks"].values() for v in check.values()
+              if v["fp32"] is not None and v["other"] is not None]
+    return max(ratios) if ratios else None
 
 
 def _ratio(a, b):
@@ -57,7 +83,9 @@ def compare(summaries: list[dict]) -> dict:
     """dpop (loss dpo, TRL's loss) against TRL: throughput fastest against fastest, peak RSS smallest against
     smallest (each engine's settings with and without gradient checkpointing)."""
     trl = [s for s in summaries if s and s["engine"] == "trl"]
-    dpop = [s for s in summaries if s and s["engine"] == "dpop" and "loss=dpop" not in s["label"]]
+    dpop = [s for s in summaries if s and s["engine"] == "dpop" and "loss=dpop" not in s["label"]
+            and "autocast" not in s["label"]]
+    autocast = next((s for s in summaries if s and "autocast" in s["label"]), None)
     if not trl or not dpop:
         return {}
     fastest, smallest = max(trl, key=lambda s: s["pairs_per_s"]), min(trl, key=_rss)
@@ -69,7 +97,9 @@ def compare(summaries: list[dict]) -> dict:
             "tokens_ratio": _ratio(dpop_fastest["tokens_per_s"], fastest["tokens_per_s"]),
             "rss_ratio": _ratio(dpop_smallest["peak_rss_gb"], smallest["peak_rss_gb"]),
             "rss_ratio_fastest_dpop": _ratio(dpop_fastest["peak_rss_gb"], smallest["peak_rss_gb"]),
-            "rss_ratio_vs_fastest": _ratio(dpop_fastest["peak_rss_gb"], fastest["peak_rss_gb"])}
+            "rss_ratio_vs_fastest": _ratio(dpop_fastest["peak_rss_gb"], fastest["peak_rss_gb"]),
+            "autocast_speed_ratio": _ratio(dpop_fastest["pairs_per_s"], autocast and autocast["pairs_per_s"]),
+            "autocast": autocast and autocast["label"]}
 
 
 # --- printing -------------------------------------------------------------------------------------------
@@ -104,10 +134,13 @@ def print_comparison(name: str, ratios: dict) -> None:
               f"{ratios['trl_smallest']}); {ratios['dpop']} (dpop's fastest): "
               f"{_fmt(ratios['rss_ratio_fastest_dpop'], '.2f')}x, {_fmt(ratios['rss_ratio_vs_fastest'], '.2f')}x vs "
               f"{ratios['trl_fastest']}")
+        if ratios.get("autocast"):
+            print(f"  {name}: {ratios['dpop']} / {ratios['autocast']} pairs/s "
+                  f"{_fmt(ratios['autocast_speed_ratio'], '.3f')}x (the default against plain bf16 autocast)")
 
 
 def target_rows(report: dict) -> list[dict]:
-    """Each target of issue 6 with its measured value; missing measurements are listed as not measured."""
+    """Each target of issues 6 and 14 with its measured value; missing measurements are listed as not measured."""
     bench, long = report.get("bench_comparison", {}), report.get("long_comparison", {})
     dpop_bench = next((s for s in report.get("bench", []) if s and s["engine"] == "dpop"), None)
     curves = report.get("curves") or {}
@@ -116,8 +149,14 @@ def target_rows(report: dict) -> list[dict]:
             ("MFU >= 50% (bench, dpop)", dpop_bench and dpop_bench["mfu"], TARGETS["mfu"], ">=", "{:.1%}"),
             ("peak RSS <= 0.7x TRL (bench)", bench.get("rss_ratio"), TARGETS["bench_rss_ratio"], "<=", "{:.2f}x"),
             ("peak RSS <= 0.5x TRL (long)", long.get("rss_ratio"), TARGETS["long_rss_ratio"], "<=", "{:.2f}x"),
-            *((f"bf16 loss within 2% of fp32 (loss {loss}, max over steps)", curve and curve["max_rel_diff"],
-               TARGETS["curve_rel_diff"], "<=", "{:.2%}") for loss, curve in curves.items())]
+            ("default pairs/s >= bf16 autocast's (bench)", bench.get("autocast_speed_ratio"),
+             TARGETS["autocast_speed_ratio"], ">=", "{:.2f}x"),
+            *((f"{DEFAULT_CURVE} loss within 5% of fp32 (loss {loss}, mean over steps)",
+               (curves.get(loss) or {}).get(DEFAULT_CURVE) and curves[loss][DEFAULT_CURVE]["mean_rel_diff"],
+               TARGETS["curve_mean_rel_diff"], "<=", "{:.2%}") for loss in ("dpo", "sft")),
+            *((f"{DEFAULT_CURVE} chosen delta, margin within max(10%, 0.3 nats) (loss {loss}, worst/allowed)",
+               worst_check((curves.get(loss) or {}).get(DEFAULT_CURVE)), 1.0, "<=", "{:.2f}")
+              for loss in ("dpo", "dpop"))]
     out = []
     for name, value, target, op, spec in rows:
         if value is None:
@@ -130,7 +169,7 @@ def target_rows(report: dict) -> list[dict]:
 
 
 def print_scaling(summaries: list) -> None:
-    print("\nscaling (dpop, loss dpo, bf16, precompute; speed runs, so RSS at glibc's default settings): "
+    print("\nscaling (dpop, loss dpo, default precision, precompute; speed runs, so RSS at glibc's default settings): "
           "pairs/s and peak RSS by response length and batch")
     print(f"  {'response':>8} {'batch':>5} {'pairs/s':>8} {'tokens/s':>9} {'MFU':>6} {'peak RSS':>9} {'steps RSS':>9}")
     for s in summaries:
@@ -167,15 +206,30 @@ def print_report(report: dict, curve_batch: int) -> None:
             print_comparison(name, report[f"{name}_comparison"])
     if report.get("scaling"):
         print_scaling(report["scaling"])
-    for loss, c in (report.get("curves") or {}).items():
-        if c:
-            print(f"\ncurves (loss {loss}, {c['steps']} steps of {curve_batch} pairs, same pairs and seed): "
-                  f"bf16 vs fp32 loss relative difference max {c['max_rel_diff']:.3%}, mean {c['mean_rel_diff']:.3%}; "
-                  f"median step fp32 {c['fp32_step_s']:.2f} s, bf16 {c['bf16_step_s']:.2f} s")
-    print("\ntargets (issue 6, ratios from this run):")
+    for loss, by_precision in (report.get("curves") or {}).items():
+        print_curves(loss, by_precision, curve_batch)
+    print("\ntargets (issues 6 and 14, ratios from this run):")
     for row in report["targets_result"]:
-        print(f"  {row['target']:48} {row['shown']:>9}  {row['status']}")
+        print(f"  {row['target']:78} {row['shown']:>9}  {row['status']}")
     print("\nelapsed: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report["elapsed_s"].items()))
+
+
+def print_curves(loss: str, by_precision: dict, curve_batch: int) -> None:
+    for precision, c in by_precision.items():
+        if not c:
+            continue
+        print(f"\ncurves (loss {loss}, {precision} vs fp32, {c['steps']} steps of {curve_batch} pairs, same pairs and "
+              f"seed): loss relative difference max {c['max_rel_diff']:.2%}, mean {c['mean_rel_diff']:.2%}; median "
+              f"step fp32 {c['fp32_step_s']:.2f} s, {precision} {c['step_s']:.2f} s")
+        for step, check in c["checks"].items():
+            shown = []
+            for key, name in (("chosen_delta", "chosen delta"), ("margin_nats", "margin")):
+                a, b = check[key]["fp32"], check[key]["other"]
+                if a is not None and b is not None:
+                    ok = "ok" if within_tolerance(a, b) else "OUT"
+                    shown.append(f"{name} {b:+.3f} (fp32 {a:+.3f}, {ok})")
+            if shown:
+                print(f"  step {step:3}: " + ", ".join(shown))
 
 
 def _describe(name: str) -> str:

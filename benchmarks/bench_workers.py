@@ -89,9 +89,20 @@ def _environment() -> dict:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
-def _step_record(seconds: float, pairs: int, work, dims, loss: float | None) -> dict:
+def _step_record(seconds: float, pairs: int, work, dims, loss: float | None, row: dict | None = None) -> dict:
+    """One step's timing and work; `row` (dpop's metrics row) adds the chosen delta and margin (nats)."""
+    row = row or {}
     return {"seconds": seconds, "pairs": pairs, "tokens": work.body_tokens, "head_tokens": work.head_tokens,
-            "attention_pairs": work.attention_pairs, "flops": step_flops(dims, work), "loss": loss}
+            "attention_pairs": work.attention_pairs, "flops": step_flops(dims, work), "loss": loss,
+            "chosen_delta": row.get("logps/chosen_delta"), "margin_nats": _margin_nats(row)}
+
+
+def _margin_nats(row: dict) -> float | None:
+    """(lw - rw) - (ll - rl): the reward margin without β, in nats (None where there is no reference)."""
+    needed = ("logps/chosen", "logps/ref_chosen", "logps/rejected", "logps/ref_rejected")
+    if any(not isinstance(row.get(key), float) or row[key] != row[key] for key in needed):
+        return None
+    return (row["logps/chosen"] - row["logps/ref_chosen"]) - (row["logps/rejected"] - row["logps/ref_rejected"])
 
 
 # --- dpop -----------------------------------------------------------------------------------------------
@@ -159,7 +170,7 @@ def _time_dpop(dpop_train, config, case, args, reference_seconds: list) -> dict:
         indices = [i for micro in step_batches for i in micro.pair_indices]
         work = _sum_work(layout_work(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids),
                                      layout) for i in indices)
-        steps.append(_step_record(seconds, len(indices), work, dims, float(row["loss"])))
+        steps.append(_step_record(seconds, len(indices), work, dims, float(row["loss"]), row))
     return {"engine": "dpop", "case": case.name, "case_description": case.describe(), "warmup": args.warmup,
             "setup_s": setup_seconds, "reference_pass_s": sum(reference_seconds) if reference_seconds else None,
             "steps": steps, **memory_fields(setup_hwm, reset_ok), "dims": dims.to_dict(),
@@ -195,7 +206,12 @@ def _trl_config(args, case, total_steps: int, output_dir: Path):
     import torch
     from trl import DPOConfig
 
-    values = dict(output_dir=str(output_dir), bf16=args.precision == "bf16", precompute_ref_log_probs=True,
+    from dpop.config import resolve_precision
+    from dpop.precision import uses_bf16
+
+    # TRL's best: bf16 autocast where bf16 is fast (it has no stochastic rounding)
+    bf16 = uses_bf16(resolve_precision(args.precision))
+    values = dict(output_dir=str(output_dir), bf16=bf16, precompute_ref_log_probs=True,
                   per_device_train_batch_size=case.batch_size, gradient_accumulation_steps=1,
                   max_length=case.max_length, loss_type=["sigmoid"], beta=0.3, learning_rate=args.learning_rate,
                   max_steps=total_steps, seed=TASK_SEED, train_sampling_strategy="sequential",

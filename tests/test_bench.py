@@ -15,8 +15,10 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_report import summarize, target_rows  # noqa: E402
 from bench_flops import Work, layout_work, rows_work  # noqa: E402
+from bench_report import curve_difference, summarize, target_rows, within_tolerance, worst_check  # noqa: E402
+
+from dpop.config import resolve_precision  # noqa: E402
 
 
 def _run(argv, tmp_path, *, timeout=600) -> subprocess.CompletedProcess:
@@ -48,16 +50,38 @@ def test_summarize_uses_the_median_of_timed_steps():
     assert summary["mfu"] == pytest.approx(1e12 / 3 / 1e12)
 
 
+def _curve_run(losses, deltas, margins):
+    return {"steps": [{"seconds": 1.0, "loss": loss, "chosen_delta": delta, "margin_nats": margin}
+                      for loss, delta, margin in zip(losses, deltas, margins)]}
+
+
+def test_curve_difference_checks_chosen_delta_and_margin_against_fp32():
+    fp32 = _curve_run([0.7] * 12, [0.0] * 9 + [1.0, 5.0, 5.0], [0.0] * 9 + [4.0, 4.0, 4.0])
+    other = _curve_run([0.77] * 12, [0.0] * 9 + [1.25, 5.0, 5.0], [0.0] * 9 + [4.5, 4.0, 4.0])
+    curve = curve_difference(fp32, other)
+    assert curve["mean_rel_diff"] == pytest.approx(0.1) and list(curve["checks"]) == [10]  # steps 25, 50 not reached
+    # allowed: max(10%, 0.3 nats): chosen delta 1.0 -> 0.3 (0.25 off: within), margin 4.0 -> 0.4 (0.5 off: out)
+    assert within_tolerance(1.0, 1.25) and not within_tolerance(4.0, 4.5)
+    assert worst_check(curve) == pytest.approx(0.5 / 0.4)
+
+
 def test_targets_report_missed_and_unmeasured():
-    report = {"bench_comparison": {"throughput_ratio": 3.0, "rss_ratio": 0.5}, "long_comparison": {},
-              "bench": [{"engine": "dpop", "mfu": 0.6}], "curves": {"dpop": {"max_rel_diff": 0.03}, "dpo": None}}
+    fp32 = _curve_run([0.7] * 10, [0.0] * 9 + [1.0], [0.0] * 9 + [4.0])
+    curves = {"dpo": {"bf16-sr": curve_difference(fp32, _curve_run([0.77] * 10, [0.0] * 9 + [1.1], [0.0] * 9 + [4.1]))},
+              "sft": {"bf16-sr": None}}
+    report = {"bench_comparison": {"throughput_ratio": 3.0, "rss_ratio": 0.5, "autocast_speed_ratio": 0.96},
+              "long_comparison": {}, "bench": [{"engine": "dpop", "mfu": 0.6}], "curves": curves}
     status = {row["target"]: (row["status"], row["shown"]) for row in target_rows(report)}
     assert status["throughput >= 4x TRL's best (bench)"] == ("MISSED", "3.00x")
     assert status["MFU >= 50% (bench, dpop)"] == ("PASS", "60.0%")
     assert status["peak RSS <= 0.7x TRL (bench)"] == ("PASS", "0.50x")
     assert status["peak RSS <= 0.5x TRL (long)"] == ("NOT MEASURED", "-")
-    assert status["bf16 loss within 2% of fp32 (loss dpop, max over steps)"] == ("MISSED", "3.00%")
-    assert status["bf16 loss within 2% of fp32 (loss dpo, max over steps)"] == ("NOT MEASURED", "-")
+    assert status["default pairs/s >= bf16 autocast's (bench)"] == ("MISSED", "0.96x")
+    assert status["bf16-sr loss within 5% of fp32 (loss dpo, mean over steps)"] == ("MISSED", "10.00%")
+    assert status["bf16-sr loss within 5% of fp32 (loss sft, mean over steps)"] == ("NOT MEASURED", "-")
+    name = "bf16-sr chosen delta, margin within max(10%, 0.3 nats) (loss {}, worst/allowed)"
+    assert status[name.format("dpo")] == ("PASS", "0.33")
+    assert status[name.format("dpop")] == ("NOT MEASURED", "-")
 
 
 def test_dpop_worker_quick_on_tiny_model(tiny_model_dir, tmp_path):
@@ -86,12 +110,15 @@ def test_parent_quick_writes_results(tiny_model_dir, tmp_path):
     report = json.loads(written.read_text())
     assert report["machine"]["cpu_model"] and "torch" in report["machine"]["versions"]
     assert report["matmul"]["bf16"]["layer"] > 0
-    assert [s["label"] for s in report["bench"]] == ["dpop bf16+precompute loss=dpo",
-                                                      "dpop bf16+precompute loss=dpo gc=on",
-                                                      "dpop bf16+precompute loss=dpop"]
+    default = resolve_precision("auto")
+    assert [s["label"] for s in report["bench"]] == [f"dpop {default}+precompute loss=dpo",
+                                                      f"dpop {default}+precompute loss=dpo gc=on",
+                                                      f"dpop {default}+precompute loss=dpop",
+                                                      f"dpop {default}+precompute loss=dpo bf16-autocast"]
     # each setting ran twice: speed (glibc's default), then memory (the peak RSS reported)
-    assert "dpop bf16+precompute loss=dpo [memory]" in report["workers"]
+    label = f"dpop {default}+precompute loss=dpo"
+    assert f"{label} [memory]" in report["workers"]
     first = report["bench"][0]
-    assert first["peak_rss_gb"] == report["workers"]["dpop bf16+precompute loss=dpo [memory]"]["child_peak_rss_gb"]
-    assert first["speed_run_peak_rss_gb"] == report["workers"]["dpop bf16+precompute loss=dpo"]["speed_run_peak_rss_gb"]
+    assert first["peak_rss_gb"] == report["workers"][f"{label} [memory]"]["child_peak_rss_gb"]
+    assert first["speed_run_peak_rss_gb"] == report["workers"][label]["speed_run_peak_rss_gb"]
     assert {row["status"] for row in report["targets_result"]} <= {"PASS", "MISSED", "NOT MEASURED"}

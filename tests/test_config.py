@@ -137,7 +137,7 @@ def test_inconsistent_settings_are_errors(values, message):
 
 def test_resolve_makes_every_automatic_value_concrete():
     resolved = resolve(make_config({"batch_size": 3, "max_length": 300}))
-    assert resolved.precision in ("fp32", "bf16")
+    assert resolved.precision in ("fp32", "bf16-sr")
     assert resolved.eval_batch_size == 12 and resolved.max_prompt_length == 150
     assert resolve(make_config({"eval_batch_size": 5, "precision": "fp32"})).eval_batch_size == 5
     assert make_config({"report_to": "wandb, mlflow"}).trackers == ("wandb", "mlflow")

@@ -9,6 +9,7 @@ import torch
 
 from dpop import models
 from dpop.errors import ModelError
+from dpop.precision import bf16_tie_fraction
 
 
 def test_missing_path_is_a_one_line_error_naming_it(tmp_path):
@@ -56,8 +57,10 @@ def test_corrupt_cache_is_detected(tmp_path, monkeypatch):
     model_dir.mkdir(parents=True)
     weights = model_dir / "model.safetensors"
     weights.write_bytes(b"weights")
-    (model_dir / "dpop-cache.json").write_text(json.dumps({"sha256": {weights.name: models.sha256_file(weights)},
-                                                            "stat": {weights.name: models._stat(weights)}}))
+    marker = {"sha256": {weights.name: models.sha256_file(weights)}, "stat": {weights.name: models._stat(weights)}}
+    (model_dir / "dpop-cache.json").write_text(json.dumps(marker))
+    assert not models._cache_is_valid(model_dir)  # a cache of an older dpop (fp32 weights on bf16 ties): rebuilt
+    (model_dir / "dpop-cache.json").write_text(json.dumps({**marker, "format": models._CACHE_FORMAT}))
     assert models._cache_is_valid(model_dir)
     weights.write_bytes(b"weightz")  # same size, different bytes, a later mtime: rehashed, and rejected
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
@@ -88,3 +91,8 @@ def test_corrupt_builtin_cache_is_rebuilt_and_gguf_loads(tmp_path, monkeypatch):
     ids = torch.tensor([tokenizer("What is 2 + 3?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(from_cache(ids).logits, from_gguf(ids).logits)
+    for model in (from_cache, from_gguf):  # both on the bf16 grid: no weight on a rounding tie, none off the grid
+        for name, parameter in model.named_parameters():
+            assert bf16_tie_fraction(parameter) == 0.0, name
+            assert torch.equal(parameter, parameter.bfloat16().float()), name
+    assert json.loads((rebuilt / "dpop-cache.json").read_text())["format"] == models._CACHE_FORMAT

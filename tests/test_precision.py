@@ -1,5 +1,6 @@
 """bf16 on CPU (dpop.precision): autocast over fp32 weights, with attention routed through fp32."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,3 +55,155 @@ def test_a_bf16_run_saves_a_model_that_names_standard_attention(tiny_config):
     train(config)
     saved = (Path(config.output_dir) / "final" / "config.json").read_text()
     assert FP32_ATTENTION not in saved
+
+
+# --- bf16-sr: stochastic rounding by a fixed dither -------------------------------------------------------
+
+def _grid_neighbours(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and just above (in magnitude) each fp32 value: truncation and truncation + 1 step."""
+    bits = values.contiguous().view(torch.int32) & -65536
+    return bits.view(torch.float32), (bits + 65536).view(torch.float32)
+
+
+def test_rounding_a_dithered_weight_is_stochastic_rounding_of_the_weight():
+    from dpop.precision import _thresholds, stochastic_round_bf16
+
+    torch.manual_seed(0)
+    master = torch.randn(200_000) * 0.05
+    rounded = stochastic_round_bf16(master, _thresholds("w", master.numel(), seed=0, device="cpu")).float()
+    low, high = _grid_neighbours(master)
+    assert bool(((rounded == low) | (rounded == high)).all())  # one of the two neighbours, never further
+    step = (high - low).abs()
+    # unbiased: the rounding errors, in units of each value's bf16 step, average to 0 (sd of the mean ~0.0006)
+    assert abs(float(((rounded - master) / step).mean())) < 0.005
+    # and not round-to-nearest: of values a quarter step above the grid, about a quarter go up (nearest: none)
+    quarter = low + step / 4 * torch.sign(master)
+    rounded = stochastic_round_bf16(quarter, _thresholds("w", master.numel(), seed=0, device="cpu")).float()
+    assert 0.24 < float((rounded != low).float().mean()) < 0.26
+
+
+def test_dither_keeps_grid_values_zeros_and_infinities_and_comes_off_exactly():
+    from dpop.precision import _thresholds, dither_bf16_
+
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), 3.0e38, 1e-39])
+    offsets = _thresholds("w", values.numel(), seed=3, device="cpu")
+    dithered = values.clone()
+    dither_bf16_(dithered, offsets)
+    assert torch.equal(dithered.bfloat16(), values.bfloat16())  # grid values round back to themselves
+    assert torch.equal(dithered[[0, 1, 7]], values[[0, 1, 7]])  # zeros and tiny values are left alone
+    assert torch.equal(torch.signbit(dithered), torch.signbit(values))
+    dither_bf16_(dithered, offsets, remove=True)
+    assert torch.equal(dithered.view(torch.int32), values.view(torch.int32))  # the same bits back
+    torch.manual_seed(0)
+    random = torch.randn(10_000)
+    offsets = _thresholds("w", random.numel(), seed=3, device="cpu")
+    moved = random.clone()
+    dither_bf16_(moved, offsets)
+    assert not torch.equal(moved, random)
+    low, high = _grid_neighbours(random)
+    # within half a bf16 step (of the next binade's step where the offset crosses a power of 2)
+    assert bool(((moved - random).abs() <= (high - low).abs()).all())
+    assert float(((moved - random).abs() / (high - low).abs()).max()) > 0.45
+    dither_bf16_(moved, offsets, remove=True)
+    assert torch.equal(moved.view(torch.int32), random.view(torch.int32))
+
+
+def test_dither_offsets_are_a_function_of_seed_and_name():
+    from dpop.precision import _thresholds
+
+    first = _thresholds("layers.0.weight", 1000, seed=0, device="cpu")
+    assert torch.equal(first, _thresholds("layers.0.weight", 1000, seed=0, device="cpu"))
+    assert not torch.equal(first, _thresholds("layers.0.weight", 1000, seed=1, device="cpu"))
+    assert not torch.equal(first, _thresholds("layers.1.weight", 1000, seed=0, device="cpu"))
+    assert -32767 <= int(first.min()) and int(first.max()) <= 32767
+    assert abs(float(first.float().mean()) / 2 ** 16) < 0.03  # centred: all 16 bits random, the top one too
+
+
+def test_bf16_weights_move_as_the_fp32_weights_do():
+    """An fp32 update of a quarter step moves its bf16 cast with probability 1/4: the bf16 weights' total change
+    equals the fp32 weights', and weights that did not move keep their bf16 value (no re-draw noise)."""
+    from dpop.precision import DitheredWeights
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter((torch.randn(100_000) * 0.05).bfloat16().float())  # on the grid, like the builtin
+    start = weight.detach().clone()
+    DitheredWeights([("w", weight)], seed=0)
+    assert torch.equal(weight.bfloat16().float(), start)  # grid values round to themselves: step 0 is exact
+    low, high = _grid_neighbours(start)
+    step = (high - low).abs()
+    moved = torch.zeros_like(start, dtype=torch.bool)
+    moved[:50_000] = True
+    with torch.no_grad():
+        weight.add_(torch.where(moved, step / 4 * torch.sign(start), 0.0))
+    change = (weight.bfloat16().float() - start).abs() / step
+    assert bool((change[~moved] == 0).all())
+    assert 0.23 < float(change[moved].mean()) < 0.27  # a quarter step on average, whole steps each
+
+
+def test_masters_takes_the_dither_off_and_puts_it_back():
+    from dpop.precision import DitheredWeights
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    original = layer.weight.detach().clone()
+    weights = DitheredWeights(layer.named_parameters(), seed=0)
+    dithered = layer.weight.detach().clone()
+    assert not torch.equal(dithered, original)
+    with weights.masters():
+        assert torch.equal(layer.weight, original)  # what checkpoints and final/ hold
+    assert torch.equal(layer.weight, dithered)
+
+
+def test_update_ratio_tells_a_dead_zone_from_a_followed_update():
+    """bf16 autocast over grid weights: a tiny update changes no rounded value (ratio ~0); bf16-sr: ratio ~1."""
+    from dpop.precision import trained_weights
+
+    torch.manual_seed(0)
+    for precision, low, high in (("bf16", 0.0, 0.1), ("bf16-sr", 0.8, 1.2), ("fp32", 0.999, 1.001)):
+        layer = torch.nn.Linear(256, 256)
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.bfloat16().float())
+        weights = trained_weights(layer, precision, seed=0)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+        layer.weight.grad = torch.full_like(layer.weight, -1e-5)  # 1e-5: well under half a bf16 step of ~0.03
+        layer.bias.grad = torch.zeros_like(layer.bias)
+        before = weights.sample()
+        optimizer.step()
+        ratio = weights.update_metrics(before)["precision/update_ratio"]
+        assert low <= ratio <= high, (precision, ratio)
+
+
+def test_dead_zone_watch_fires_once_after_a_window_of_stuck_steps():
+    from dpop.metrics import DeadZoneWatch
+
+    watch = DeadZoneWatch("bf16", window=3)
+    stuck = {"lr": 1e-6, "precision/update_ratio": 0.01, "precision/updated_frac": 0.004}
+    assert watch.update(1, stuck) is None and watch.update(2, {**stuck, "lr": 0.0}) is None  # lr 0: no streak
+    assert watch.update(3, stuck) is None and watch.update(4, stuck) is None
+    message = watch.update(5, stuck)
+    assert message and "bf16-sr" in message and "dead zone" in message and watch.fired_at == 5
+    assert watch.update(6, stuck) is None  # once
+    followed = DeadZoneWatch("bf16-sr", window=3)
+    assert all(followed.update(s, {**stuck, "precision/update_ratio": 1.0}) is None for s in range(10))
+
+
+def test_a_bf16_run_on_grid_weights_warns_of_the_dead_zone_and_bf16_sr_does_not(tiny_config, tmp_path, capsys):
+    from dpop.models import load_model
+    from dpop.precision import round_to_bf16_grid_
+
+    model, tokenizer = load_model(tiny_config().model)
+    round_to_bf16_grid_(model)
+    model.save_pretrained(tmp_path / "grid")
+    tokenizer.save_pretrained(tmp_path / "grid")
+    fired = {}
+    for precision in ("bf16", "bf16-sr"):
+        config = tiny_config(precision, model=str(tmp_path / "grid"), precision=precision, max_steps=6,
+                             learning_rate=1e-7, scheduler="constant")
+        summary = train(config)
+        fired[precision] = summary["precision_watch_fired_at"]
+        rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        ratios = [row["precision/update_ratio"] for row in rows if row["split"] == "train"]
+        assert all((r < 0.1) if precision == "bf16" else (0.5 < r < 2) for r in ratios), (precision, ratios)
+    assert fired == {"bf16": 5, "bf16-sr": None}
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("dead zone") == 1  # the bf16 run's warning, once

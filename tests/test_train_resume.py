@@ -42,9 +42,11 @@ def count_steps(monkeypatch) -> list:
 COMMON = dict(max_steps=4, save_every=2, learning_rate=1e-3, batch_size=3, grad_accum=2)
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_config, eval_pairs_file, monkeypatch):
-    """Linear decay over 4 steps, checkpoints every 2; the run dies in step 3 and is resumed."""
-    common = dict(COMMON, eval_data=str(eval_pairs_file), eval_every=1)
+@pytest.mark.parametrize("precision", ["fp32", "bf16-sr"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_config, eval_pairs_file, monkeypatch, precision):
+    """Linear decay over 4 steps, checkpoints every 2; the run dies in step 3 and is resumed. Under bf16-sr the
+    checkpoint holds the fp32 masters and the resumed run rounds them as the uninterrupted one did."""
+    common = dict(COMMON, eval_data=str(eval_pairs_file), eval_every=1, precision=precision)
     uninterrupted = tiny_config("whole", **common)
     train(uninterrupted)
 

@@ -38,7 +38,9 @@ def _add_eval_command(sub) -> None:
     evaluate.add_argument("--max-length", type=int, default=1024, help="Token limit per sequence (default: 1024).")
     evaluate.add_argument("--max-new-tokens", type=int, default=128, help="Generation length for answer accuracy.")
     evaluate.add_argument("--no-generate", action="store_true", help="Skip answer accuracy (no generation).")
-    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="(default: auto)")
+    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-sr"], default="auto",
+                          help="fp32, or bf16 autocast (bf16 and bf16-sr score alike: no optimizer steps); auto = "
+                               "bf16 where the hardware has fast bf16 (default: auto).")
     evaluate.add_argument("--out", default=None, help="Write the results as JSON here.")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="Allow custom model code.")
     evaluate.set_defaults(run=_run_eval)

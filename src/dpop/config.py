@@ -87,9 +87,12 @@ class TrainConfig:
     max_length: int = _opt(1024, "Max tokens of prompt + one response; responses are cut at the end.", minimum=2)
     max_prompt_length: int | None = _opt(None, "Max prompt tokens; prompts keep their end (none = max_length // 2).",
                                          minimum=1)
-    precision: str = _opt("auto", "fp32, or bf16 autocast with fp32 master weights; auto = bf16 where the hardware "
+    precision: str = _opt("auto", "fp32; bf16: autocast over fp32 weights (updates below half a bf16 step never reach "
+                                  "the weights the model computes with: a dead zone on bf16-grid weights); bf16-sr: "
+                                  "bf16 compute weights made by stochastic rounding of fp32 master weights after "
+                                  "each step, which follows fp32 (dpop.precision); auto = bf16-sr where the hardware "
                                   "has fast bf16 (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else fp32.",
-                          choices=("auto", "fp32", "bf16"))
+                          choices=("auto", "fp32", "bf16", "bf16-sr"))
     dropout: bool = _opt(False, "Keep the model's dropout on (off by default: it makes policy and reference disagree).")
     seed: int = _opt(0, "Seed for data order and initialisation (LoRA adapters).")
     # --- reference ---
@@ -278,18 +281,22 @@ def _check_consistency(config) -> None:
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16' where the hardware has fast bf16 (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else 'fp32'."""
+    """'auto' -> 'bf16-sr' where the hardware has fast bf16 (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else 'fp32'."""
     if precision != "auto":
         return precision
+    return "bf16-sr" if has_fast_bf16() else "fp32"
+
+
+def has_fast_bf16() -> bool:
     import torch
 
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve(config: TrainConfig) -> TrainConfig:

@@ -39,6 +39,7 @@ from typing import NoReturn
 import torch
 
 from dpop.errors import ConfigError
+from dpop.precision import uses_bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +143,11 @@ def check_launch(config):
                           "process(es); `dpop train --num-processes N` launches N processes itself, and under "
                           "torchrun or accelerate launch the launcher's count decides (drop num_processes)")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launcher_precision != "no" and launcher_precision != config.precision:
+    dpop_mixed = "bf16" if uses_bf16(config.precision) else "fp32"
+    if launcher_precision != "no" and launcher_precision != dpop_mixed:
         raise ConfigError(f"the accelerate config asks for mixed_precision {launcher_precision} but precision is "
-                          f"{config.precision}; dpop supports fp32 and bf16: make them agree (--precision bf16, or "
-                          "mixed_precision 'no' in the accelerate config to let dpop's precision decide)")
+                          f"{config.precision}; dpop supports fp32, bf16 and bf16-sr: make them agree (--precision "
+                          "bf16-sr, or mixed_precision 'no' in the accelerate config to let dpop's precision decide)")
     return dataclasses.replace(config, num_processes=launched)
 
 
@@ -346,6 +348,10 @@ def check_engine(accelerator, config) -> None:
     if splits_parameters(accelerator) and (config.lora_r > 0 or config.ref_strategy == "lora"):
         raise ConfigError(f"LoRA under {name} is not supported (its adapters would be sharded and merged on one "
                           "process); LoRA's optimizer state is small: use DDP (configs/accelerate/ddp.yaml)")
+    if splits_state(accelerator) and config.precision == "bf16-sr":
+        raise ConfigError(f"precision bf16-sr under {name} is not supported yet (its dither is added to and taken "
+                          "off whole parameters, which this engine shards); use --precision bf16 or fp32 there, "
+                          "or DDP")
     if name.startswith("DeepSpeed"):
         settings = accelerator.state.deepspeed_plugin.deepspeed_config
         settings["train_micro_batch_size_per_gpu"] = config.batch_size  # dpop has no DataLoader to read it from

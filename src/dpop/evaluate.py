@@ -88,8 +88,11 @@ def pair_metrics(stats: PairStats) -> dict[str, float]:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """A no-argument factory of the autocast context for `precision` ('fp32' or 'bf16')."""
-    if precision == "bf16":
+    """A no-argument factory of the autocast context for `precision` (fp32, bf16 or bf16-sr: scoring has no
+    optimizer, so bf16-sr computes as bf16 does)."""
+    from dpop.precision import uses_bf16
+
+    if uses_bf16(precision):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

@@ -26,7 +26,8 @@ PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
              "dpop/penalty", "dpop/active_frac", "tokens/divergent_chosen_logp")
 STEP_KEYS = ("lr", "grad_norm", "throughput/pairs_per_s", "throughput/tokens_per_s", "memory/peak_gb",
              "step", "epoch", "pairs_seen")
-ALL_KEYS = PAIR_KEYS + STEP_KEYS
+PRECISION_KEYS = ("precision/updated_frac", "precision/update_ratio")  # dpop.precision.TrainedWeights
+ALL_KEYS = PAIR_KEYS + STEP_KEYS + PRECISION_KEYS
 EXTRA_PAIR_KEYS = ("dpop/penalized_chosen_reward",)
 
 
@@ -179,3 +180,31 @@ class FailureModeWatch:
                     f"rewards/margins rose to {new_margin:.3f}: the chosen answers are becoming LESS likely even "
                     f"as the preference margin grows (Pal et al. 2024). To fix it, {fix}.")
         return None
+
+
+class DeadZoneWatch:
+    """Warn once when the optimizer's updates stop reaching the weights the model computes with: for `window`
+    steps in a row at lr > 0, precision/update_ratio (Σ|Δ compute| / Σ|Δ master|) below `threshold`. That
+    is bf16 autocast over weights on the bf16 grid at fine-tuning learning rates: each update is below half
+    a bf16 step, so the rounded weights, and everything the model computes, stay where they were."""
+
+    def __init__(self, precision: str, window: int = 5, threshold: float = 0.1):
+        self.precision = precision
+        self.window = window
+        self.threshold = threshold
+        self.streak = 0
+        self.fired_at: int | None = None
+
+    def update(self, step: int, row: dict) -> str | None:
+        ratio, lr = row.get("precision/update_ratio", math.nan), row.get("lr", 0.0)
+        if self.fired_at is not None:
+            return None
+        self.streak = self.streak + 1 if (lr > 0 and math.isfinite(ratio) and ratio < self.threshold) else 0
+        if self.streak < self.window:
+            return None
+        self.fired_at = step
+        fraction = row.get("precision/updated_frac", math.nan)
+        return (f"precision watch (step {step}): for {self.window} steps only {ratio:.1%} of the optimizer's "
+                f"updates reached the {self.precision} compute weights ({fraction:.2%} of them changed): the "
+                f"updates are below half a bf16 step, so training is not moving the model (a dead zone). Use "
+                f"--precision bf16-sr (stochastic rounding from fp32 master weights) or fp32.")

@@ -32,7 +32,7 @@ import torch
 from dpop.batching import PairBatch
 from dpop.logprobs import sequence_logps
 from dpop.pipeline import make_batch, micro_batches, ordered_batches, pair_lengths
-from dpop.precision import prepare_model
+from dpop.precision import dither_like_policy, prepare_model
 
 
 @dataclass
@@ -101,6 +101,8 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
         check_same_tokenizer(tokenizer, ref_tokenizer, config.ref_model)
         device = next(model.parameters()).device
         prepare_model(ref_model, config.precision, device)  # the same arithmetic as the policy's
+        if config.precision == "bf16-sr":  # the same weights as the policy's start, if it is the same model
+            dither_like_policy(ref_model, trainable_names(model), config.seed)
         ref_model.to(device)
         ref_source = config.ref_model
     elif config.ref_strategy == "model":
@@ -115,14 +117,18 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
     if config.ref_strategy != "precompute":
         return live, live
     layout = dict(layout=config.layout, pad_id=tokenizer.pad_token_id, pack_length=config.max_length)
+    # bf16-sr dithered the policy's trainable parameters (all of them, or a LoRA's adapters alone) by seed
+    dithered = (hashlib.sha256(",".join(trainable_names(model)).encode()).hexdigest()
+               if config.precision == "bf16-sr" else None)
     train = _precomputed(config, live, ref_source, data.train.pairs, layout, "train",
                          _first_epoch_schedule(config, len(data.train.pairs), needed_micro_batches,
                                                processes.num_processes, pair_lengths(data.train.pairs, config)),
-                         processes)
+                         processes, dithered=dithered)
     evaluation = None
     if data.eval is not None:
         schedule = [indices for _, indices in ordered_batches(data.eval.pairs, config.eval_batch_size, **layout)]
-        evaluation = _precomputed(config, live, ref_source, data.eval.pairs, layout, "eval", schedule, processes)
+        evaluation = _precomputed(config, live, ref_source, data.eval.pairs, layout, "eval", schedule, processes,
+                                  dithered=dithered)
     return train, evaluation
 
 
@@ -139,19 +145,28 @@ def _first_epoch_schedule(config, num_pairs: int, needed_micro_batches: int, wor
     return [piece for _ in range(count) for piece in all_slices(next(stream).pair_indices, world)]
 
 
-def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, schedule, processes) -> CachedReference:
+def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, schedule, processes, *,
+                 dithered: str | None) -> CachedReference:
+    """`dithered`: under bf16-sr, a hash of the parameters the policy's start dithered (None: none were)."""
     from dpop.models import resolve_model
 
     fingerprint = dict(split=split, layout=config.layout, seed=config.seed, precision=config.precision,
                        batch_size=config.batch_size if split == "train" else config.eval_batch_size,
                        chunk_tokens=config.chunk_tokens, group_by_length=config.group_by_length,
-                       arithmetic=2)  # 2: fp32 attention under bf16 on CPU and the fused lm head changed the numbers
+                       arithmetic=3)  # 3: a .gguf's weights rounded onto the bf16 grid (2: fp32 attention under
+    # bf16 on CPU and the fused lm head); bf16-sr dithers by seed, which the key holds
     if split == "train" and processes.num_processes > 1:  # other batches: other rounding (single-process keys kept)
         fingerprint["num_processes"] = processes.num_processes
+    if dithered:
+        fingerprint["dithered"] = dithered
     key = cache_key(model_fingerprint=model_fingerprint(resolve_model(ref_source)),
                     pairs_fingerprint=pairs_fingerprint(pairs), schedule=fingerprint)
     return precompute(live, schedule, lambda indices: make_batch(pairs, indices, **layout), len(pairs),
                       cache_path=cache_path_for(key), description=f"reference pass ({split})", processes=processes)
+
+
+def trainable_names(model) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
 def check_same_tokenizer(policy_tokenizer, ref_tokenizer, ref_name) -> None:

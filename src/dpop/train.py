@@ -38,8 +38,8 @@ from dpop.errors import ConfigError
 from dpop.evaluate import pair_losses, pair_metrics, score_pairs
 from dpop.logprobs import backbone_and_head
 from dpop.losses import loss_options
-from dpop.metrics import (FailureModeWatch, MetricsLog, PairStats, check_trackers, record_pairs,
-                          summarize_pairs, tracker_values)
+from dpop.metrics import (PRECISION_KEYS, DeadZoneWatch, FailureModeWatch, MetricsLog, PairStats, check_trackers,
+                          record_pairs, summarize_pairs, tracker_values)
 from dpop.pipeline import (load_run_pairs, make_batch, micro_batches, pair_lengths, steps_per_epoch,
                            tokenize_run_pairs)
 from dpop.reference import build_reference
@@ -64,6 +64,7 @@ class Run:
     loss_options: dict  # the options the loss declares, from the config (dpop_lambda, ...)
     state: TrainState = field(default_factory=TrainState)
     scorer: torch.nn.Module | None = None  # what the engine wraps: every policy forward goes through it
+    weights: precision.TrainedWeights | None = None  # the trainable parameters' masters and compute values
 
     @property
     def world_batch(self) -> int:
@@ -136,7 +137,7 @@ def _quantization_config(config: TrainConfig):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if config.precision == "bf16" else torch.float32)
+                              bnb_4bit_compute_dtype=torch.bfloat16 if precision.uses_bf16(config.precision) else torch.float32)
 
 
 def _device_type() -> str:
@@ -207,7 +208,7 @@ def _new_accelerator(config: TrainConfig, run_dir: Path):
     trackers = _trackers(config)
     # step_scheduler_with_optimizer=False: otherwise the prepared scheduler steps num_processes times per step
     with distributed.signals_to_this_thread():  # the process group's threads must not take stop signals
-        return Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no",
+        return Accelerator(mixed_precision="bf16" if precision.uses_bf16(config.precision) else "no",
                            cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir),
                            step_scheduler_with_optimizer=False)
 
@@ -228,6 +229,7 @@ def setup(config: TrainConfig) -> Run:
     set_seed(config.seed)
     model, tokenizer = _build_model(config)
     model.to(accelerator.device)
+    weights = precision.trained_weights(model, config.precision, config.seed)  # bf16-sr: dithers them now
     data = tokenize_run_pairs(pairs, tokenizer, config)
     if config.eval_every and data.eval is None:
         print(f"dpop: eval_every {config.eval_every} but no eval_data: no evaluation in this run")
@@ -246,7 +248,7 @@ def setup(config: TrainConfig) -> Run:
     options = {} if config.loss == "sft" else loss_options(config.loss, config.to_dict())
     return Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer,
                scheduler, total_steps, options, state=TrainState(num_processes=accelerator.num_processes),
-               scorer=scorer)
+               scorer=scorer, weights=weights)
 
 
 # --- one optimizer step ---------------------------------------------------------------------------------
@@ -298,8 +300,11 @@ def train_step(run: Run, step_batches) -> dict:
         tokens += micro_tokens
     stats, tokens = distributed.gather_step(stats, tokens, accelerator)  # every process's pairs, on every process
     grad_norm = _clip(run)
+    update = dict.fromkeys(PRECISION_KEYS, math.nan)
     if math.isfinite(grad_norm) and bool(torch.isfinite(stats.get("losses")).all()):
+        before = run.weights.sample()
         run.optimizer.step()
+        update = run.weights.update_metrics(before)
     else:
         run.state.skipped_steps += 1
     lr = run.scheduler.get_last_lr()[0]
@@ -315,7 +320,7 @@ def train_step(run: Run, step_batches) -> dict:
     row.update({"lr": lr, "grad_norm": grad_norm, "throughput/pairs_per_s": pairs_in_step / elapsed,
                 "throughput/tokens_per_s": tokens / elapsed, "memory/peak_gb": _peak_memory_gb(),
                 "step": run.state.step, "epoch": run.state.pairs_seen / len(pairs),
-                "pairs_seen": run.state.pairs_seen, "skipped_steps": run.state.skipped_steps})
+                "pairs_seen": run.state.pairs_seen, "skipped_steps": run.state.skipped_steps, **update})
     return row
 
 
@@ -367,12 +372,13 @@ def train(config: TrainConfig) -> dict:
     if run.accelerator.log_with:
         run.accelerator.init_trackers(run.run_dir.name, config=config.to_dict())
     watch = FailureModeWatch(config.loss)
+    precision_watch = DeadZoneWatch(config.precision)
     print(f"dpop {'sft' if run.is_sft else 'train'}: loss {config.loss}, {len(run.data.train.pairs)} pairs "
           f"from {run.data.description}, {run.total_steps} steps, precision {config.precision}, "
           f"layout {config.layout}, output {run.run_dir}", flush=True)
     try:
         with StopSignals() as stop:  # SIGINT/SIGTERM: finish the step, checkpoint, exit 0 (dpop.stopping)
-            last_row = _loop(run, log, watch, stop)
+            last_row = _loop(run, log, (watch, precision_watch), stop)
         if stop.received and run.state.step < run.total_steps:
             _stop(run, stop.received)
         final_eval = evaluate(run)
@@ -383,15 +389,17 @@ def train(config: TrainConfig) -> dict:
     saved = distributed.from_main((run.run_dir / "checkpoints" / f"step-{run.state.step}").exists(), run.accelerator)
     if config.save_every and not saved:
         _save_checkpoint(run)
-    weights = distributed.gathered_weights(run.accelerator, run.scorer)  # FSDP / ZeRO-3 only; all processes
     final = run.run_dir / "final"
     precision.restore_sdpa(run.accelerator.unwrap_model(run.model))
-    if main:
-        save_final(run.run_dir, run.accelerator.unwrap_model(run.model), run.tokenizer,
-                   adapter_only=config.lora_save == "adapter", state_dict=weights)
+    with run.weights.masters():  # final/ holds the weights without bf16-sr's dither
+        weights = distributed.gathered_weights(run.accelerator, run.scorer)  # FSDP / ZeRO-3 only; all processes
+        if main:
+            save_final(run.run_dir, run.accelerator.unwrap_model(run.model), run.tokenizer,
+                       adapter_only=config.lora_save == "adapter", state_dict=weights)
     summary = {"steps": run.state.step, "pairs_seen": run.state.pairs_seen, "skipped_steps": run.state.skipped_steps,
                "final_model": str(final), "train_pairs": len(run.data.train.pairs),
                "dropped_pairs": run.data.train.dropped, "watch_fired_at": watch.fired_at,
+               "precision_watch_fired_at": precision_watch.fired_at,
                "train": last_row, "eval": final_eval}
     if main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -401,8 +409,9 @@ def train(config: TrainConfig) -> dict:
 
 
 def _resume(run: Run) -> None:
-    restored = restore_latest(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
-                              process_index=run.accelerator.process_index)
+    with run.weights.masters():  # a checkpoint holds the weights without bf16-sr's dither, which is added back
+        restored = restore_latest(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer,
+                                  run.scheduler, process_index=run.accelerator.process_index)
     if restored is None:
         print(f"dpop: {run.run_dir} has no loadable checkpoint; starting from step 0")
         return
@@ -421,8 +430,9 @@ def _save_checkpoint(run: Run) -> Path:
         return path
     rng_states = distributed.gather_values(rng_state(), run.accelerator)
     if run.accelerator.is_main_process:
-        save_checkpoint(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
-                        run.state, keep=run.config.keep_checkpoints, rng_states=rng_states)
+        with run.weights.masters():
+            save_checkpoint(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                            run.state, keep=run.config.keep_checkpoints, rng_states=rng_states)
     return path
 
 
@@ -439,7 +449,7 @@ def _stop(run: Run, signal_name: str) -> None:
     raise run_stopped(signal_name, run.state.step, run.total_steps, checkpoint, run.config)
 
 
-def _loop(run: Run, log: MetricsLog, watch: FailureModeWatch, stop: StopSignals | None = None) -> dict:
+def _loop(run: Run, log: MetricsLog, watches, stop: StopSignals | None = None) -> dict:
     from tqdm.auto import tqdm
 
     config = run.config
@@ -462,9 +472,12 @@ def _loop(run: Run, log: MetricsLog, watch: FailureModeWatch, stop: StopSignals 
             raise non_finite_error(step, bad_streak, config, run.run_dir)
         bar.set_postfix(_postfix(row), refresh=False)
         bar.update(1)
-        warning = watch.update(step, row.get("logps/chosen_delta", math.nan), row.get("rewards/margins", math.nan))
-        if warning:
-            bar.write(f"WARNING: {warning}")
+        failure_watch, precision_watch = watches
+        for warning in (failure_watch.update(step, row.get("logps/chosen_delta", math.nan),
+                                             row.get("rewards/margins", math.nan)),
+                        precision_watch.update(step, row)):
+            if warning:
+                bar.write(f"WARNING: {warning}")
         if config.eval_every and step % config.eval_every == 0 and step < run.total_steps and run.data.eval:
             _log(run, log, {**evaluate(run), "step": step, "split": "eval"})
         # no checkpoint of a skipped step: the newest checkpoint stays the last good one
