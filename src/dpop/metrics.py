@@ -5,7 +5,10 @@ Train rows of metrics.jsonl carry every key of ALL_KEYS (null where a value does
 log-probs under a reference-free loss) plus `"split": "train"`; eval rows carry the same pair keys prefixed
 `eval/`, plus `eval/pair_accuracy`, `step` and `"split": "eval"`. Beyond §6, `dpop/penalized_chosen_reward`
 is DESIGN §1's penalised chosen reward β·(lw − rw − λ·max(0, rw − lw)), with λ = the loss's dpop_lambda
-(0 for losses without one, where it equals rewards/chosen).
+(0 for losses without one, where it equals rewards/chosen). `precision/updated_frac` (the fraction of
+trainable elements whose compute-dtype value changed in the step) and `precision/update_ratio` (Σ|Δ compute
+value| / Σ|Δ fp32 value|: ~1 where updates reach the model as it computes, ~0 in bf16's dead zone) are measured
+on a fixed sample of 2^18 elements (dpop.precision.TrainedWeights); DeadZoneWatch warns on the second.
 """
 
 from __future__ import annotations
