@@ -150,7 +150,7 @@ def run_dpop(args) -> dict:
 
 
 def _time_dpop(dpop_train, config, case, args, reference_seconds: list) -> dict:
-    from dpop.pipeline import micro_batches
+    from dpop.pipeline import micro_batches, optimizer_steps
 
     total_steps = args.warmup + args.steps
     started = time.perf_counter()
@@ -160,10 +160,10 @@ def _time_dpop(dpop_train, config, case, args, reference_seconds: list) -> dict:
 
     dims = model_dims(run.accelerator.unwrap_model(run.model))
     pairs, layout = run.data.train.pairs, run.config.layout
-    stream = micro_batches(len(pairs), run.config.batch_size, run.config.seed)
+    stream = optimizer_steps(micro_batches(len(pairs), run.config.batch_size, run.config.seed), run.config.grad_accum)
     steps = []
     for _ in range(total_steps):
-        step_batches = [next(stream) for _ in range(run.config.grad_accum)]
+        step_batches = next(stream)
         started = time.perf_counter()
         row = dpop_train.train_step(run, step_batches)
         seconds = time.perf_counter() - started

@@ -114,7 +114,7 @@ def test_parent_quick_writes_results(tiny_model_dir, tmp_path):
     assert [s["label"] for s in report["bench"]] == [f"dpop {default}+precompute loss=dpo",
                                                       f"dpop {default}+precompute loss=dpo gc=on",
                                                       f"dpop {default}+precompute loss=dpop",
-                                                      f"dpop {default}+precompute loss=dpo bf16-autocast"]
+                                                      "dpop bf16+precompute loss=dpo autocast"]
     # each setting ran twice: speed (glibc's default), then memory (the peak RSS reported)
     label = f"dpop {default}+precompute loss=dpo"
     assert f"{label} [memory]" in report["workers"]

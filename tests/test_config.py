@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from dpop.cli import main
-from dpop.config import (TrainConfig, add_config_arguments, config_from_args, make_config, read_yaml, resolve,
-                         write_yaml)
+from dpop.config import (SFT_DEFAULTS, TrainConfig, add_config_arguments, config_from_args, make_config, read_yaml,
+                         resolve, write_yaml)
 from dpop.errors import ConfigError
 from dpop.losses import LOSSES, OPTION_HELP, loss_option_defaults
 
@@ -153,3 +153,50 @@ def test_resume_reads_the_runs_own_config(tmp_path):
     assert (config.loss, config.beta, config.max_steps, config.resume) == ("ipo", 0.7, 8, True)
     assert make_config(read_yaml(run_dir / "config.yaml")) == saved  # the saved file round-trips
     assert from_flags("--output-dir", str(run_dir)).loss == "dpop"  # without --resume: the defaults
+
+
+def test_a_resumed_sft_run_keeps_its_own_learning_rate_over_the_commands_default(tmp_path):
+    """`dpop sft --output-dir RUN --resume` after `dpop sft --learning-rate 2e-5`: the run's saved 2e-5
+    outranks sft's command default (1e-5), which once made the resume refuse a 'changed' learning rate."""
+    run_dir = tmp_path / "sft"
+    run_dir.mkdir()
+    write_yaml(resolve(make_config({**SFT_DEFAULTS, "output_dir": str(run_dir), "learning_rate": 2e-5})),
+               run_dir / "config.yaml")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, command_defaults=SFT_DEFAULTS)
+    resumed = config_from_args(parser.parse_args(["--output-dir", str(run_dir), "--resume"]),
+                               command_defaults=SFT_DEFAULTS)
+    assert (resumed.loss, resumed.learning_rate) == ("sft", 2e-5)
+    fresh = config_from_args(parser.parse_args(["--output-dir", str(tmp_path / "new")]), command_defaults=SFT_DEFAULTS)
+    assert fresh.learning_rate == 1e-5  # a new sft run still gets the command's default
+    flagged = config_from_args(parser.parse_args(["--output-dir", str(run_dir), "--resume", "--learning-rate", "3e-5"]),
+                               command_defaults=SFT_DEFAULTS)
+    assert flagged.learning_rate == 3e-5  # a flag given still outranks the saved config
+
+
+def test_yaml_lists_and_maps_and_ranked_pairs_are_config_values(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("report_to: [tensorboard, wandb]\nlora_target: [q_proj, v_proj]\n"
+                           "columns: {prompt: question, chosen: good}\nranked_pairs: all\n")
+    config = make_config(read_yaml(config_file))
+    assert config.trackers == ("tensorboard", "wandb") and config.lora_target == "q_proj,v_proj"
+    assert config.columns == "prompt=question,chosen=good" and config.ranked_pairs == "all"
+    with pytest.raises(ConfigError, match="ranked_pairs: 'some' is not one of best_worst, all"):
+        make_config({"ranked_pairs": "some"})
+    with pytest.raises(ConfigError, match="report_to: expected names"):
+        make_config({"report_to": ["wandb", 3]})
+    with pytest.raises(ConfigError, match="beta: expected float"):
+        make_config({"beta": [0.1]})  # only list-valued keys take lists
+
+
+def test_ranked_pairs_reaches_the_data_loader(tmp_path):
+    import json
+
+    from dpop.pipeline import load_run_pairs
+
+    data = tmp_path / "ranked.jsonl"
+    data.write_text(json.dumps({"prompt": "2 + 3?", "completions": [{"text": "5", "score": 3}, {"text": "6", "score": 1},
+                                                                     {"text": "4", "score": 2}]}) + "\n")
+    best_worst = load_run_pairs(make_config({"data": str(data)}))
+    every = load_run_pairs(make_config({"data": str(data), "ranked_pairs": "all"}))
+    assert len(best_worst.train) == 1 and len(every.train) == 3

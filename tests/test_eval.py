@@ -214,3 +214,27 @@ def test_greedy_decoding_reports_each_finished_row_once(tiny):
     assert dpop.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=0,
                                     eos_token_id=None, on_finished=finished.append) == [[], [], []]
     assert finished == [3]
+
+
+def test_generation_renders_a_plain_text_prompt_exactly_as_training_tokenized_it(tiny):
+    """A plain-text pair prompt is trained on as raw text; answer accuracy and `dpop generate --data` must
+    continue that same text, not the prompt wrapped in the chat template (which the model never saw)."""
+    from dpop.data.rows import PreferencePair
+    from dpop.data.tokenize import tokenize_pair
+
+    _, tokenizer = tiny
+    assert tokenizer.chat_template  # the trap needs a tokenizer that has a template
+    pair = PreferencePair(prompt="Tom has 12 apples. How many? ", chosen="12.", rejected="13.", source="t:1")
+    trained = list(tokenize_pair(pair, tokenizer).prompt_ids)
+    assert dpop.generate.prompt_ids(tokenizer, pair.prompt) == trained
+    typed = dpop.generate.prompt_ids(tokenizer, pair.prompt, as_user_turn=True)  # `dpop generate --prompt TEXT`
+    assert typed != trained and tokenizer.decode(typed).startswith("<|im_start|>user")
+
+
+def test_dpop_eval_maps_columns(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "renamed.jsonl"
+    data.write_text(json.dumps({"question": "2 + 3?", "good": "5", "bad": "6"}) + "\n")
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--no-generate", "--precision", "fp32",
+                 "--columns", "prompt=question,chosen=good,rejected=bad"])
+    assert code == 0 and "pair_accuracy" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--no-generate"]) != 0  # unmapped

@@ -14,14 +14,15 @@ from dpop.landscape import draw_landscape, landscape_grid, ratio_loss, ratio_los
 
 
 def autograd_gradient(loss, x1, x2, beta, dpop_lambda):
-    """DESIGN.md §1 written on log-probs (lw = log x1, ll = log x2, rw = rl = 0), differentiated by torch."""
+    """The registry's own loss (what training optimises) on log-probs lw = log x1, ll = log x2, rw = rl = 0,
+    differentiated by torch: the landscape's numpy formula is checked against dpop.losses, not a third copy."""
+    from dpop.losses import LOSSES
+
     x1 = torch.tensor(x1, dtype=torch.float64, requires_grad=True)
     x2 = torch.tensor(x2, dtype=torch.float64, requires_grad=True)
-    chosen, rejected, ref_chosen, ref_rejected = torch.log(x1), torch.log(x2), 0.0, 0.0
-    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
-    if loss == "dpop":
-        delta = delta - dpop_lambda * torch.relu(ref_chosen - chosen)
-    value = -torch.nn.functional.logsigmoid(beta * delta)
+    zeros = torch.zeros_like(x1)
+    options = {"dpop_lambda": dpop_lambda} if loss == "dpop" else {}
+    value = LOSSES[loss].fn(torch.log(x1), torch.log(x2), zeros, zeros, beta=beta, **options)[0]
     value.sum().backward()
     return value.detach().numpy(), x1.grad.numpy(), x2.grad.numpy()
 

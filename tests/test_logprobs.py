@@ -83,6 +83,22 @@ def test_layouts_equal_plain(tiny, layout):
         assert other_batch.input_ids.shape[0] < len(pairs)  # several pairs share a row
 
 
+def test_the_divergent_token_mean_starts_after_the_first_differing_token(tiny):
+    """Pinned by hand: chosen [a b c d], rejected [a X c d] differ at position 1; the Figure 4 quantity averages
+    positions 2 and 3 (c, d), the shared prefix is position 0 (a), and the differing token b is in neither."""
+    from dpop.data.tokenize import TokenizedPair
+    from dpop.logprobs import reduce_token_logps
+
+    pair = TokenizedPair(prompt_ids=(5, 6), chosen_ids=(7, 8, 9, 10), rejected_ids=(7, 11, 9, 10))
+    batch = collate([pair], layout="plain", pad_id=0)
+    chosen_tokens = (batch.sequence_index == 0)
+    token_logps = torch.zeros(len(batch.target_ids))
+    token_logps[chosen_tokens] = torch.tensor([-1.0, -2.0, -3.0, -5.0])  # a, b, c, d
+    logps = reduce_token_logps(token_logps, batch)
+    assert float(logps.divergent_chosen_mean()[0]) == -4.0  # (c + d) / 2, not (b + c + d) / 3
+    assert float(logps.shared_prefix[0]) == -1.0 and float(logps.chosen[0]) == -11.0
+
+
 def test_divergence_quantities(tiny):
     model, tokenizer = tiny
     pairs = random_pairs(len(tokenizer), n=4, seed=5)
@@ -95,7 +111,11 @@ def test_divergence_quantities(tiny):
             naive_sequence_logp(model, pair.prompt_ids + pair.chosen_ids[:k], pair.chosen_ids[k:k + 1])
             for k in range(len(pair.chosen_ids))])
         torch.testing.assert_close(logps.shared_prefix[p], per_token[:first_diff].sum(), atol=1e-5, rtol=0)
-        torch.testing.assert_close(logps.divergent_chosen_mean()[p], per_token[first_diff:].mean(), atol=1e-5, rtol=0)
+        after = per_token[first_diff + 1:]  # strictly after the first differing token (DPOP Fig. 4)
+        if len(after):
+            torch.testing.assert_close(logps.divergent_chosen_mean()[p], after.mean(), atol=1e-5, rtol=0)
+        else:
+            assert torch.isnan(logps.divergent_chosen_mean()[p])
         torch.testing.assert_close(logps.chosen[p], per_token.sum(), atol=1e-5, rtol=0)
 
 

@@ -121,6 +121,24 @@ def test_epochs_decide_the_steps_when_max_steps_is_unset(tiny_config):
     assert rows[0]["logps/ref_chosen"] is None  # reference-free: no reference pass, no reference log-probs
 
 
+def test_one_epoch_sees_each_pair_once_when_grad_accum_does_not_divide_it(tiny_config, monkeypatch):
+    """16 pairs, batch 4 x grad_accum 3, epochs 1: steps of 3 and 1 micro-batches, 16 pairs seen (it used to
+    take 2 full steps, 24 pairs, the second mixing two epochs)."""
+    import dpop.train
+
+    seen, real_step = [], dpop.train.train_step
+
+    def recording(run, batches):
+        seen.append([(micro.epoch, tuple(micro.pair_indices)) for micro in batches])
+        return real_step(run, batches)
+
+    monkeypatch.setattr(dpop.train, "train_step", recording)
+    summary = train(tiny_config(max_steps=None, epochs=1.0, batch_size=4, grad_accum=3))
+    assert summary["steps"] == 2 and summary["pairs_seen"] == 16
+    assert [len(step) for step in seen] == [3, 1] and {epoch for step in seen for epoch, _ in step} == {0}
+    assert sorted(i for step in seen for _, pairs in step for i in pairs) == list(range(16))
+
+
 def test_dropout_is_off_unless_asked_for(tiny_config, tiny_model_saver, tmp_path):
     """A model whose config asks for attention dropout still starts with rewards 0: dropout is off by default."""
     dropping = tiny_model_saver(tmp_path / "dropping", attention_dropout=0.5)

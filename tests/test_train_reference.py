@@ -71,6 +71,18 @@ def test_a_second_identical_run_reads_the_reference_from_the_cache(tiny_config, 
     assert sum(calls) == 4
 
 
+def test_the_reference_cache_key_holds_grad_accum_under_group_by_length(tiny_config, dpop_cache):
+    """Length groups span an optimizer step (batch x grad_accum pairs), so the first epoch's micro-batches and
+    their rounding differ with grad_accum: another grad_accum must not read the cached log-probs."""
+    common = dict(group_by_length=True, batch_size=2, max_steps=2)
+    train(tiny_config("accum-1", grad_accum=1, **common))
+    train(tiny_config("accum-2", grad_accum=2, **common))
+    assert len(list((dpop_cache / "reference").glob("*.safetensors"))) == 2
+    train(tiny_config("plain-1", grad_accum=1, max_steps=2, batch_size=2))
+    train(tiny_config("plain-2", grad_accum=2, max_steps=2, batch_size=2))  # ungrouped: the same schedule, reused
+    assert len(list((dpop_cache / "reference").glob("*.safetensors"))) == 3
+
+
 def test_lora_trains_adapters_only_and_final_is_a_plain_model(tiny_config, tiny_model_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

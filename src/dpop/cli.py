@@ -31,6 +31,8 @@ def _add_eval_command(sub) -> None:
                                                          "(default: smollm2-135m).")
     evaluate.add_argument("--data", default=None,
                           help="Pairs file (default: 200 problems of the builtin task's eval split).")
+    evaluate.add_argument("--columns", default=None, help="Column mapping for --data, e.g. "
+                                                           "'prompt=question,chosen=good' (default: the standard names).")
     evaluate.add_argument("--ref-model", default=None,
                           help="Reference model for implicit rewards (default: none; reward metrics are skipped).")
     evaluate.add_argument("--beta", type=float, default=0.3, help="β for implicit rewards (default: 0.3).")
@@ -88,8 +90,10 @@ def _add_model_commands(sub) -> None:
 
 def _add_generate_command(sub) -> None:
     generate = sub.add_parser("generate", help="Generate answers with a model.",
-                              description="Greedy (or sampled) generation; chat template applied when the "
-                                          "tokenizer has one, unless --raw.")
+                              description="Greedy (or sampled) generation. --data prompts are rendered exactly "
+                                          "as training renders them (message lists through the chat template, "
+                                          "plain text as it is); a --prompt TEXT is wrapped as a user turn when "
+                                          "the tokenizer has a chat template, unless --raw.")
     generate.add_argument("--model", default=None, help="Model name, dir, LoRA adapter dir or .gguf "
                                                          "(default: smollm2-135m).")
     source = generate.add_mutually_exclusive_group(required=True)
@@ -98,7 +102,8 @@ def _add_generate_command(sub) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=128, help="Tokens to generate (default: 128).")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0).")
     generate.add_argument("--batch-size", type=int, default=16, help="Prompts per batch with --data (default: 16).")
-    generate.add_argument("--raw", action="store_true", help="Use the prompt text as is, no chat template.")
+    generate.add_argument("--raw", action="store_true", help="With --prompt: use the text as is instead of "
+                                                             "wrapping it as a user turn of the chat template.")
     generate.add_argument("--out", default=None, help="With --data: write JSONL generations here.")
     generate.add_argument("--trust-remote-code", action="store_true", help="Allow custom model code.")
     generate.set_defaults(run=_run_generate)

@@ -53,7 +53,12 @@ class TrainConfig:
     data: str | None = _opt(None, "Training pairs: JSONL/JSON/CSV/Parquet file or datasets dir (none = the builtin arithmetic task).")
     eval_data: str | None = _opt(None, "Held-out pairs evaluated every eval_every steps and at the end (none = no evaluation, except with the builtin task: its eval split).")
     output_dir: str = _opt("runs/train", "Run directory (config.yaml, metrics.jsonl, checkpoints/, final/, summary.json).")
-    columns: str | None = _opt(None, "Column mapping for the data files, e.g. 'prompt=question,chosen=good,rejected=bad' (none = the standard names).")
+    columns: str | None = _opt(None, "Column mapping for the data files, e.g. 'prompt=question,chosen=good,rejected=bad' "
+                                     "(in YAML also a mapping {prompt: question}; none = the standard names).",
+                               mapping=True)
+    ranked_pairs: str = _opt("best_worst", "Pairs from ranked rows (completions with scores): best_worst (the "
+                                           "highest against the lowest score) or all (every pair of different "
+                                           "scores).", choices=("best_worst", "all"))
     task_pairs: int = _opt(1000, "Pairs generated for the builtin task when no data is given.", minimum=1)
     task_edit: str = _opt("low", "Edit distance of the builtin task's rejected answers.", choices=("low", "high"))
     # --- the loss ---
@@ -117,7 +122,8 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "Keep the last K checkpoints.", minimum=1)
     resume: bool = _opt(False, "Continue the run in output_dir from its last checkpoint.")
     overwrite: bool = _opt(False, "Replace an existing run in output_dir.")
-    report_to: str = _opt("none", f"Trackers, comma-separated: {', '.join(TRACKERS)} (or none); each needs its package.")
+    report_to: str = _opt("none", f"Trackers, comma-separated (a list in YAML): {', '.join(TRACKERS)} (or none); "
+                                  "each needs its package.", list=True)
     num_processes: int = _opt(1, "Data-parallel processes on this machine: N > 1 relaunches the command under "
                                  "torchrun (DDP; gloo on CPU, NCCL on GPUs); batch_size is per process, so a step "
                                  "takes num_processes × batch_size × grad_accum pairs. Under accelerate launch or "
@@ -125,7 +131,8 @@ class TrainConfig:
                                  "count.", minimum=1)
     lora_r: int = _opt(0, "LoRA rank (0 = full fine-tune).", minimum=0)
     lora_alpha: float = _opt(16.0, "LoRA alpha (the adapters' scale is alpha / r).", exclusive_minimum=0.0)
-    lora_target: str = _opt("all-linear", "LoRA target modules, comma-separated names, or all-linear.")
+    lora_target: str = _opt("all-linear", "LoRA target modules, comma-separated names (a list in YAML), or "
+                                          "all-linear.", list=True)
     lora_dora: bool = _opt(False, "DoRA (Liu et al. 2024): the adapters also learn each output row's magnitude "
                                   "(needs lora_r > 0; slower per step).")
     lora_save: str = _opt("merged", "What final/ holds after a LoRA run: merged (a plain HF model dir, adapters "
@@ -179,6 +186,10 @@ def _coerce(f, value):
             raise ValueError(value)
         if kind is int and isinstance(value, str):
             return int(float(value)) if float(value).is_integer() else int(value)
+        if kind is str and isinstance(value, (list, tuple)) and f.metadata.get("list"):
+            value = _join_list(f, value)  # YAML lists: report_to: [wandb, mlflow]
+        if kind is str and isinstance(value, dict) and f.metadata.get("mapping"):
+            value = ",".join(f"{_scalar(f, k)}={_scalar(f, v)}" for k, v in value.items())  # columns: {prompt: q}
         if kind is str and not isinstance(value, str):
             raise ValueError(value)
         return kind(value)
@@ -214,6 +225,16 @@ def _help_text(f, command_defaults: dict | None = None) -> str:
     shown = f" Choices: {', '.join(choices)}." if choices and len(choices) > 3 else ""
     default = (command_defaults or {}).get(f.name, _default(f))
     return f"{text} (default: {default}){shown}"
+
+
+def _join_list(f, items) -> str:
+    return ",".join(_scalar(f, item) for item in items)
+
+
+def _scalar(f, item) -> str:
+    if not isinstance(item, str) or "," in item or "=" in item or not item.strip():
+        raise ConfigError(f"{f.name}: expected names, got {item!r}")
+    return item.strip()
 
 
 def _check_range(f, value) -> None:
@@ -427,15 +448,15 @@ def config_from_args(args: argparse.Namespace, base: type = TrainConfig, overrid
                      command_defaults: dict | None = None):
     """Config from (in increasing priority) the defaults, the command's defaults, the run's saved config.yaml
     when resuming, the YAML file, `overrides` and the flags given."""
-    values = dict(command_defaults or {})
-    values.update(read_yaml(args.config_file) if getattr(args, "config_file", None) else {})
-    values.update(overrides or {})
+    chosen = dict(read_yaml(args.config_file) if getattr(args, "config_file", None) else {})
+    chosen.update(overrides or {})
     for f in fields(base):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = _parse_flag(f, given)
-    saved = _saved_config_values(values)
-    return make_config({**saved, **values}, base)
+            chosen[f.name] = _parse_flag(f, given)
+    defaults = dict(command_defaults or {})
+    saved = _saved_config_values({**defaults, **chosen})  # the run's own values outrank the command's defaults
+    return make_config({**defaults, **saved, **chosen}, base)
 
 
 def _saved_config_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -227,12 +227,13 @@ def _check_eval_args(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be {rule}, got {getattr(args, name)}")
 
 
-def _eval_pairs(data: str | None) -> tuple[list, str]:
+def _eval_pairs(data: str | None, columns: str | None = None) -> tuple[list, str]:
+    from dpop.config import parse_columns
     from dpop.data import load_pairs, pairs_from_rows
     from dpop.tasks.arithmetic import make_pairs
 
     if data:
-        loaded = load_pairs(data)
+        loaded = load_pairs(data, columns=parse_columns(columns))
         return loaded.pairs, str(data)
     rows = make_pairs(BUILTIN_EVAL_PROBLEMS, edit="low", seed=0, split="eval")
     return pairs_from_rows(rows, name="arithmetic-low-eval").pairs, f"builtin arithmetic eval split ({len(rows)} pairs)"
@@ -245,7 +246,7 @@ def run_eval(args) -> int:
     from dpop.reference import check_same_tokenizer
 
     _check_eval_args(args)
-    pairs, description = _eval_pairs(args.data)  # every row checked before a model is loaded
+    pairs, description = _eval_pairs(args.data, args.columns)  # every row checked before a model is loaded
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     ref_model = None
     if args.ref_model:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 
-def prompt_ids(tokenizer, prompt, *, raw: bool = False) -> list[int]:
-    """Token ids of a prompt as training saw it: chat template for messages (and for plain text when the
-    tokenizer has a template, unless raw), the text as is otherwise."""
+def prompt_ids(tokenizer, prompt, *, as_user_turn: bool = False) -> list[int]:
+    """Token ids of a prompt exactly as training renders it (dpop.data.tokenize): the chat template for
+    messages, plain text as it is. `as_user_turn` wraps plain text as one user message first when the
+    tokenizer has a chat template: for a question typed by hand to an instruct model, not for data rows."""
     from dpop.data.tokenize import _encode_text, render_prompt
 
-    if not raw and isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
+    if as_user_turn and isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
         prompt = ({"role": "user", "content": prompt},)
     text, templated = render_prompt(tokenizer, prompt)
     return _encode_text(tokenizer, text, special=not templated)
@@ -84,9 +85,10 @@ def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_tok
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batch_size: int = 16,
-                   temperature: float = 0.0, raw: bool = False, progress: bool = True, seed: int = 0,
+                   temperature: float = 0.0, as_user_turn: bool = False, progress: bool = True, seed: int = 0,
                    stop_when=None) -> list[str]:
-    """Generate a completion for each prompt (text or messages); greedy when temperature is 0.
+    """Generate a completion for each prompt (text or messages, rendered as training renders them; see
+    prompt_ids for `as_user_turn`); greedy when temperature is 0.
 
     Prompts are sorted by length so each batch pads little, and left-padded so generation continues
     from every prompt's last token. `stop_when(text) -> bool` ends a row early (besides EOS and
@@ -96,7 +98,7 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
-    encoded = [prompt_ids(tokenizer, p, raw=raw) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p, as_user_turn=as_user_turn) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -138,13 +140,13 @@ def run_generate(args) -> int:
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if args.prompt is not None:
         print(generate_texts(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, raw=args.raw, progress=False)[0])
+                             temperature=args.temperature, as_user_turn=not args.raw, progress=False)[0])
         return 0
     from dpop.data import load_pairs
 
     pairs = load_pairs(args.data).pairs
     texts = generate_texts(model, tokenizer, [p.prompt for p in pairs], max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, temperature=args.temperature, raw=args.raw)
+                           batch_size=args.batch_size, temperature=args.temperature)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         for pair, text in zip(pairs, texts):

@@ -27,7 +27,7 @@ class SequenceLogps:
     rejected: torch.Tensor  # (P,)
     chosen_lengths: torch.Tensor  # (P,) token counts
     rejected_lengths: torch.Tensor  # (P,)
-    divergent_chosen_sum: torch.Tensor  # (P,) sum of chosen token log-probs from the first differing token on
+    divergent_chosen_sum: torch.Tensor  # (P,) sum of chosen token log-probs AFTER the first differing token
     divergent_chosen_count: torch.Tensor  # (P,) how many such tokens
     shared_prefix: torch.Tensor  # (P,) log-prob of the response prefix chosen and rejected share
     token_logps: torch.Tensor | None = None  # (M,) per token, ordered as the batch's target_ids
@@ -169,8 +169,9 @@ def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_toke
     sums = token_logps.new_zeros(2 * num_pairs).index_add(0, batch.sequence_index, token_logps)
     is_chosen = batch.sequence_index < num_pairs
     pair = batch.sequence_index % num_pairs
-    after_divergence = is_chosen & (batch.token_position >= batch.divergence[pair])
-    before_divergence = is_chosen & ~after_divergence
+    # DPOP paper, Figure 4: the tokens after the first differing one (the differing token itself is neither)
+    after_divergence = is_chosen & (batch.token_position > batch.divergence[pair])
+    before_divergence = is_chosen & (batch.token_position < batch.divergence[pair])
     zeros = token_logps.new_zeros(num_pairs)
     divergent_sum = zeros.index_add(0, pair, token_logps * after_divergence)
     divergent_count = token_logps.new_zeros(num_pairs, dtype=torch.long).index_add(0, pair, after_divergence.long())

@@ -25,7 +25,7 @@ def _load(path, config) -> list:
     from dpop.config import parse_columns
     from dpop.data import load_pairs
 
-    loaded = load_pairs(path, columns=parse_columns(config.columns))
+    loaded = load_pairs(path, columns=parse_columns(config.columns), ranked_pairs=config.ranked_pairs)
     if loaded.skipped:
         skipped = ", ".join(f"{n} {reason}" for reason, n in loaded.skipped.items())
         print(f"dpop: {path}: skipped {skipped}")
@@ -118,6 +118,7 @@ class MicroBatch:
     epoch: int
     index: int  # micro-batch index inside its epoch
     pair_indices: list[int]
+    last: bool = False  # the epoch's last micro-batch
 
 
 def micro_batches(num_pairs: int, batch_size: int, seed: int, *, start_epoch: int = 0, start_index: int = 0,
@@ -129,9 +130,23 @@ def micro_batches(num_pairs: int, batch_size: int, seed: int, *, start_epoch: in
         order = epoch_order(num_pairs, seed, epoch, lengths=lengths, group_size=group_size or batch_size)
         per_epoch = math.ceil(num_pairs / batch_size)
         while index < per_epoch:
-            yield MicroBatch(epoch, index, order[index * batch_size:(index + 1) * batch_size])
+            yield MicroBatch(epoch, index, order[index * batch_size:(index + 1) * batch_size],
+                             last=index == per_epoch - 1)
             index += 1
         epoch, index = epoch + 1, 0
+
+
+def optimizer_steps(stream, grad_accum: int):
+    """Endless stream of optimizer steps (lists of micro-batches from `stream`): grad_accum micro-batches
+    each, except that a step ends with its epoch's last micro-batch, so one epoch sees each pair exactly
+    once and no step mixes two epochs (16 pairs in batches of 4 with grad_accum 3: steps of 3 and 1)."""
+    while True:
+        step = []
+        for micro in stream:
+            step.append(micro)
+            if micro.last or len(step) == grad_accum:
+                break
+        yield step
 
 
 def pair_lengths(pairs: list[TokenizedPair], config) -> list[int] | None:

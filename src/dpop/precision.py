@@ -175,8 +175,7 @@ class DitheredWeights(TrainedWeights):
     def __init__(self, named_parameters, seed: int):
         super().__init__(named_parameters, torch.bfloat16)
         self.seed = seed
-        self.named = [(name, p) for name, p in self.named if _ditherable(name, p)]
-        self._sample = _sample_indices([p for _, p in self.named])
+        self.dithered = [(name, p) for name, p in self.named if _ditherable(name, p)]
         self._shift(remove=False)
 
     @contextlib.contextmanager
@@ -188,7 +187,7 @@ class DitheredWeights(TrainedWeights):
             self._shift(remove=False)
 
     def _shift(self, *, remove: bool) -> None:
-        for name, parameter in self.named:
+        for name, parameter in self.dithered:
             dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), self.seed, parameter.device),
                          remove=remove)
 

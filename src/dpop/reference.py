@@ -155,6 +155,8 @@ def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, sche
                        chunk_tokens=config.chunk_tokens, group_by_length=config.group_by_length,
                        arithmetic=3)  # 3: a .gguf's weights rounded onto the bf16 grid (2: fp32 attention under
     # bf16 on CPU and the fused lm head); bf16-sr dithers by seed, which the key holds
+    if split == "train" and config.group_by_length:  # length groups span a whole optimizer step
+        fingerprint["grad_accum"] = config.grad_accum
     if split == "train" and processes.num_processes > 1:  # other batches: other rounding (single-process keys kept)
         fingerprint["num_processes"] = processes.num_processes
     if dithered:

@@ -40,8 +40,8 @@ from dpop.logprobs import backbone_and_head
 from dpop.losses import loss_options
 from dpop.metrics import (PRECISION_KEYS, DeadZoneWatch, FailureModeWatch, MetricsLog, PairStats, check_trackers,
                           record_pairs, summarize_pairs, tracker_values)
-from dpop.pipeline import (load_run_pairs, make_batch, micro_batches, pair_lengths, steps_per_epoch,
-                           tokenize_run_pairs)
+from dpop.pipeline import (load_run_pairs, make_batch, micro_batches, optimizer_steps, pair_lengths,
+                           steps_per_epoch, tokenize_run_pairs)
 from dpop.reference import build_reference
 from dpop.stopping import StopSignals, non_finite_error, run_stopped
 
@@ -64,7 +64,7 @@ class Run:
     loss_options: dict  # the options the loss declares, from the config (dpop_lambda, ...)
     state: TrainState = field(default_factory=TrainState)
     scorer: torch.nn.Module | None = None  # what the engine wraps: every policy forward goes through it
-    weights: precision.TrainedWeights | None = None  # the trainable parameters' masters and compute values
+    weights: precision.TrainedWeights | None = None  # the trainable parameters (bf16-sr's dither, precision/*)
 
     @property
     def world_batch(self) -> int:
@@ -136,8 +136,9 @@ def _quantization_config(config: TrainConfig):
     run without them); the path is kept this small on purpose."""
     from transformers import BitsAndBytesConfig
 
+    compute_dtype = torch.bfloat16 if precision.uses_bf16(config.precision) else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if precision.uses_bf16(config.precision) else torch.float32)
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _device_type() -> str:
@@ -457,12 +458,13 @@ def _loop(run: Run, log: MetricsLog, watches, stop: StopSignals | None = None) -
                            start_epoch=run.state.epoch, start_index=run.state.micro_index,
                            lengths=pair_lengths(run.data.train.pairs, config),
                            group_size=run.world_batch * config.grad_accum)
+    steps = optimizer_steps(stream, config.grad_accum)
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=config.loss, unit="step",
                disable=not run.accelerator.is_main_process)
     row, bad_streak = {}, 0  # bad_streak: steps in a row whose update was skipped (non-finite)
     while run.state.step < run.total_steps:
         skipped_before = run.state.skipped_steps
-        row = train_step(run, [next(stream) for _ in range(config.grad_accum)])
+        row = train_step(run, next(steps))
         step = run.state.step
         bad_streak = bad_streak + 1 if run.state.skipped_steps > skipped_before else 0
         if step % config.log_every == 0 or step == run.total_steps or bad_streak:
