@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dpop.data import load_pairs
 from dpop.precision import FP32_ATTENTION, prepare_model
 from dpop.train import train
 
@@ -207,3 +208,38 @@ def test_a_bf16_run_on_grid_weights_warns_of_the_dead_zone_and_bf16_sr_does_not(
     assert fired == {"bf16": 5, "bf16-sr": None}
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("dead zone") == 1  # the bf16 run's warning, once
+
+
+def test_bf16_sr_scoring_follows_fp32_where_round_to_nearest_erases_a_fine_tune(tiny_model_dir, eval_pairs_file):
+    """A 'fine-tune' of grid weights by a third of a bf16 step each: fp32 scoring sees it, plain bf16 scoring
+    rounds every weight back to where it started, bf16-sr scoring (dithered) sees it again on average; the
+    weights are left as they were."""
+    from dpop.evaluate import evaluate_model
+    from dpop.models import load_model
+    from dpop.precision import round_to_bf16_grid_
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    round_to_bf16_grid_(model)
+    start, _ = load_model(str(tiny_model_dir))
+    round_to_bf16_grid_(start)
+    pairs = load_pairs(eval_pairs_file).pairs
+    texts = [pair.prompt[-1]["content"] + " " + pair.chosen[-1]["content"] for pair in pairs]
+    ids = torch.tensor([tokenizer(text)["input_ids"][:48] for text in texts if len(tokenizer(text)["input_ids"]) >= 48])
+    model(input_ids=ids, labels=ids).loss.backward()  # the direction that makes these answers more likely
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.weight"):  # the linear layers: used only through autocast's bf16 casts
+                low, high = _grid_neighbours(parameter.detach())
+                parameter.sub_((high - low).abs() / 3 * torch.sign(parameter.grad))  # a third of a bf16 step each
+            parameter.grad = None
+    tuned = {name: p.detach().clone() for name, p in model.named_parameters()}
+    score = lambda m, precision: evaluate_model(m, tokenizer, pairs, generate=False, precision=precision,
+                                                max_length=256)["logps/chosen"]
+    fp32, start_fp32 = score(model, "fp32"), score(start, "fp32")
+    plain, sr = score(model, "bf16"), score(model, "bf16-sr")
+    effect = abs(fp32 - start_fp32)
+    assert effect > 0.05, effect  # the fine-tune changes what the model says
+    assert abs(plain - score(start, "bf16")) < 0.05 * effect  # round-to-nearest erased it (but where a weight
+    # crossed a power of 2, whose smaller step the third of a step exceeds by half)
+    assert abs(sr - fp32) < 0.5 * effect, (sr, fp32, start_fp32)  # bf16-sr keeps it
+    assert all(torch.equal(p, tuned[name]) for name, p in model.named_parameters())  # the dither came off

@@ -139,15 +139,16 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     tokens/divergent_chosen_logp, answer_accuracy, num_pairs, num_answer_rows, dropped_pairs (see the
     module docstring); None where a value cannot be computed (the reward keys without `ref_model`).
     `ref_model` must share the tokenizer (e.g. the SFT model a run started from). `precision`: fp32, bf16
-    (autocast; on CPU with fp32 attention, set on the models in place: dpop.precision) or auto.
+    (autocast; on CPU with fp32 attention, set on the models in place: dpop.precision), bf16-sr (autocast
+    over the weights with bf16-sr's dither, taken off again after scoring) or auto. Generation runs in fp32.
     `ref_memo`: a dict shared by calls that score the same `pairs` against the same `ref_model` with the
     same settings, so each batch's reference log-probs are computed once (the demo scores three models
     against one SFT reference).
     """
     from dpop.config import resolve_precision
     from dpop.data import pairs_from_rows
-    from dpop.precision import prepare_model
     from dpop.data.tokenize import tokenize_pairs
+    from dpop.precision import prepare_model, scoring_weights
     from dpop.reference import LiveReference
 
     pairs = list(pairs)
@@ -172,9 +173,10 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
                                   chunk_tokens=chunk_tokens)
         if ref_memo is not None:
             reference = _memoized(reference, ref_memo)
-    stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference, beta=beta,
-                        layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
-                        chunk_tokens=chunk_tokens)
+    with scoring_weights((model, ref_model), precision):  # bf16-sr: stochastic rounding, as training computes
+        stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference,
+                            beta=beta, layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
+                            chunk_tokens=chunk_tokens)
     metrics = pair_metrics(stats)
     keys = ("pair_accuracy", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "logps/chosen_delta",

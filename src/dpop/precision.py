@@ -202,6 +202,32 @@ def dither_like_policy(model, names, seed: int) -> None:
             dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device))
 
 
+@contextlib.contextmanager
+def scoring_weights(models, precision: str, seed: int = 0):
+    """For a block that scores fixed models under `precision`: with bf16-sr, every model's weights carry the
+    dither (the same for the same weights, whichever model holds them) and lose it again afterwards, so each
+    bf16 cast is a stochastic rounding of the weights, as in training. Plain round-to-nearest would not do:
+    a model fine-tuned from bf16-grid weights moved most weights by less than half a bf16 step, and rounding
+    them to nearest gives back the weights it started from (measured: an SFT model's held-out chosen log-prob
+    -35.8 nats under plain bf16 scoring against -17.8 in fp32)."""
+    if precision != "bf16-sr":
+        yield
+        return
+    seen, dithered = set(), []
+    for model in models:
+        for name, parameter in model.named_parameters() if model is not None else ():
+            if id(parameter) not in seen and _ditherable(name, parameter):
+                seen.add(id(parameter))
+                dithered.append((name, parameter))
+    for name, parameter in dithered:
+        dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device))
+    try:
+        yield
+    finally:
+        for name, parameter in dithered:
+            dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device), remove=True)
+
+
 def trained_weights(model, precision: str, seed: int) -> TrainedWeights:
     """The TrainedWeights of `model` under `precision`; for bf16-sr this dithers the trainable parameters now."""
     if precision == "bf16-sr":
