@@ -1,7 +1,7 @@
 """`dpop demo`: the DPOP paper's finding, reproduced on the builtin model and task, with a report.
 
-    dpop demo --quick            # ~2.5 minutes on 2 cores: low-edit case only, fewer steps
-    dpop demo --out runs/demo    # ~11 minutes: low-edit and high-edit cases (make demo)
+    dpop demo --quick            # ~3 minutes on 2 cores: low-edit case only, fewer steps
+    dpop demo --out runs/demo    # ~12.5 minutes: low-edit and high-edit cases (make demo)
 
 Stages: (1) make the data (disjoint sft / train / eval problem splits); (2) SFT on chosen answers of the
 sft split, to teach the answer format; (3) from the SFT model as policy and reference, a dpo run and a
@@ -38,11 +38,13 @@ class DemoPlan:
     group_by_length: bool = False  # pairs of similar length share a step: 1% padding instead of ~14%
 
 
-# Every preference run sees each of its pairs once (pairs = steps x batch). FULL: 11.1 min on 2 idle CPU cores.
+# Every preference run sees each of its pairs once (pairs = steps x batch). FULL: 12.5 min on 2 idle CPU cores (bf16-sr).
 # QUICK must fit in 3 minutes, so it has 16 steps of 6 pairs against FULL's 40 of 8. At FULL's learning rate,
 # 20 steps of 6 were too little training for the finding: the DPO run's held-out chosen delta ended at -0.42
 # (seed 0), and at +0.47, +1.48, +0.47 (seeds 0-2) after a 12-step SFT. At 1e-5 (lr x steps near FULL's) it
-# shows in seeds 0-2; length-grouped batches cut the padding. Measured: 2.1-2.5 min (docs/performance.md).
+# shows in seeds 0-2; length-grouped batches cut the padding. Measured in bf16-sr: 3.0-3.2 min in one session,
+# 2.5-2.6 min for the same training earlier in it (docs/performance.md). The lr was chosen under the old
+# tie-laden weights; the finding still shows in bf16-sr and in fp32 (seed 0), re-checked in issue 14.
 QUICK = DemoPlan(cases=("low",), sft_pairs=96, sft_steps=16, pairs=96, steps=16, eval_problems=24, batch_size=6,
                  learning_rate=1e-5, group_by_length=True)
 FULL = DemoPlan(cases=("low", "high"), sft_pairs=256, sft_steps=32, pairs=320, steps=40, eval_problems=64)
