@@ -187,9 +187,13 @@ class DitheredWeights(TrainedWeights):
             self._shift(remove=False)
 
     def _shift(self, *, remove: bool) -> None:
-        for name, parameter in self.dithered:
-            dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), self.seed, parameter.device),
-                         remove=remove)
+        _shift(self.dithered, self.seed, remove=remove)
+
+
+def _shift(named, seed: int, *, remove: bool = False) -> None:
+    """Add (or take off) each (name, parameter)'s dither, drawn from (seed, name)."""
+    for name, parameter in named:
+        dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device), remove=remove)
 
 
 @torch.no_grad()
@@ -197,9 +201,7 @@ def dither_like_policy(model, names, seed: int) -> None:
     """Give a separately loaded reference model the dither the policy's bf16-sr start gave the parameters in
     `names` (the policy's trainable ones), so the same weights compute the same values."""
     wanted = set(names)
-    for name, parameter in model.named_parameters():
-        if name in wanted and _ditherable(name, parameter):
-            dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device))
+    _shift([(name, p) for name, p in model.named_parameters() if name in wanted and _ditherable(name, p)], seed)
 
 
 @contextlib.contextmanager
@@ -219,13 +221,11 @@ def scoring_weights(models, precision: str, seed: int = 0):
             if id(parameter) not in seen and _ditherable(name, parameter):
                 seen.add(id(parameter))
                 dithered.append((name, parameter))
-    for name, parameter in dithered:
-        dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device))
+    _shift(dithered, seed)
     try:
         yield
     finally:
-        for name, parameter in dithered:
-            dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device), remove=True)
+        _shift(dithered, seed, remove=True)
 
 
 def trained_weights(model, precision: str, seed: int) -> TrainedWeights:
