@@ -165,6 +165,16 @@ def test_rpo_nll_differs_from_trl_over_a_batch_of_unequal_lengths():
     torch.testing.assert_close(ours("rpo", equal, rpo_alpha=alpha)[0].mean(), trl_loss, atol=1e-9, rtol=1e-9)
 
 
+def test_sft_matches_trl_sft_over_a_batch_of_unequal_lengths():
+    """Our sft is TRL's 'sft' loss type: the chosen responses' NLL per chosen token of the batch, Σ −lw / Σ |y_w|
+    (the per-pair losses −lw over LossSpec.units, the chosen lengths: what the training loop divides by)."""
+    inputs = pairs()
+    trl_loss, _, _ = trl_dpo(["sft"], inputs)
+    losses, _, _ = ours("sft", inputs)
+    units = LOSSES["sft"].units(inputs["chosen_lengths"]).to(losses.dtype)
+    torch.testing.assert_close(losses.sum() / units.sum(), trl_loss, atol=1e-9, rtol=1e-9)
+
+
 def test_cdpo_matches_trl_conservative_sigmoid():
     """TRL 1.16's DPOTrainer has no standalone cDPO; its CPO 'sigmoid' loss with label_smoothing is the same
     label-smoothed BCE ("a conservative ... loss"). Fed the log-ratios lw − rw and ll − rl, its logits are Δ."""
@@ -231,6 +241,7 @@ def test_discopop_is_finite_where_trl_overflows():
 
 def test_every_trl_pairwise_loss_is_covered():
     """Every name DESIGN.md assigns to TRL's pairwise set is compared above (aot, rpo, cdpo separately)."""
-    compared = {name for name, _, _ in SAME_DEFINITION.values()} | {"aot", "rpo", "cdpo", "simpo", "cpo", "orpo"}
+    compared = {name for name, _, _ in SAME_DEFINITION.values()} | {"aot", "rpo", "cdpo", "simpo", "cpo", "orpo",
+                                                                     "sft"}
     # dpop is ours alone (TRL 1.16 has no DPOP); its form is pinned in test_losses.py.
     assert compared | {"dpop"} == set(LOSSES)

@@ -20,7 +20,7 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
     (where="gradient": the recorded losses stay finite) non-finite for n in `bad_steps`. Returns
     {step: trainable weights after it}."""
     current, weights = {}, {}
-    real_step, real_losses, real_micro = dpop.train.train_step, dpop.train.pair_losses, dpop.train._micro_batch_loss
+    real_step, real_losses, real_micro = dpop.train.train_step, dpop.train.sequence_loss, dpop.train._micro_batch_loss
 
     def train_step(run, batches):
         current["step"] = run.state.step + 1
@@ -28,7 +28,7 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
         weights[current["step"]] = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
         return row
 
-    def pair_losses(*args, **kwargs):
+    def sequence_loss(*args, **kwargs):
         losses, chosen_rewards, rejected_rewards = real_losses(*args, **kwargs)
         if where == "loss" and current["step"] in bad_steps:
             losses = losses * math.nan
@@ -41,7 +41,7 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
         return loss, tokens
 
     monkeypatch.setattr(dpop.train, "train_step", train_step)
-    monkeypatch.setattr(dpop.train, "pair_losses", pair_losses)
+    monkeypatch.setattr(dpop.train, "sequence_loss", sequence_loss)
     monkeypatch.setattr(dpop.train, "_micro_batch_loss", micro_batch_loss)
     return weights
 

@@ -2,6 +2,7 @@
 sft -> train with --ref-model, and trackers."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def test_sft_then_preference_training_against_the_sft_model(tiny_config):
     sft = tiny_config("sft", loss="sft", learning_rate=1e-3, max_steps=2)
     summary = train(sft)
     sft_final = Path(sft.output_dir) / "final"
-    assert summary["train"]["loss"] > 0 and "rewards/chosen" not in summary["train"]
+    assert summary["train"]["loss"] > 0 and math.isnan(summary["train"]["rewards/chosen"])  # sft has no rewards
 
     # the SFT model as reference and as the starting policy: step-0 rewards are 0
     on_top = tiny_config("dpop", model=str(sft_final), ref_model=str(sft_final))
@@ -116,6 +117,30 @@ def test_sft_then_preference_training_against_the_sft_model(tiny_config):
     against = tiny_config("against", ref_model=str(sft_final))
     train(against)
     assert abs(first_row(against)["logps/chosen_delta"]) > 1e-3
+
+
+def test_the_logged_sft_loss_is_the_one_optimised_the_nll_per_chosen_token_of_the_step(tiny_config):
+    """Step 1 of sft over all 16 pairs (of unequal lengths) logs Σ −log πθ(y_w|x) / Σ |y_w| at the initial
+    weights, the loss whose gradient the step takes; the mean of per-pair per-token NLLs would differ."""
+    import torch
+
+    from dpop.logprobs import sequence_logps
+    from dpop.models import load_model
+    from dpop.pipeline import load_run_pairs, make_batch, tokenize_run_pairs
+
+    config = tiny_config("sft-loss", loss="sft", max_steps=1, batch_size=16, grad_accum=1)
+    train(config)
+    logged = first_row(config)["loss"]
+    model, tokenizer = load_model(config.model)
+    data = tokenize_run_pairs(load_run_pairs(config), tokenizer, config)
+    batch = make_batch(data.train.pairs, range(16), layout="plain", pad_id=tokenizer.pad_token_id,
+                       with_rejected=False)
+    with torch.no_grad():
+        policy = sequence_logps(model, batch)
+    per_token = float(-policy.chosen.sum() / policy.chosen_lengths.sum())
+    mean_of_pairs = float((-policy.chosen / policy.chosen_lengths).mean())  # lengths differ: 5.9659 vs 5.9667
+    assert abs(logged - per_token) < 1e-5 and 10 * abs(logged - per_token) < abs(logged - mean_of_pairs)
+    assert torch.isnan(policy.rejected).all()
 
 
 def test_a_reference_with_another_tokenizer_is_refused(tiny_config, tmp_path):

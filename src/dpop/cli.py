@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from dpop.errors import DpopError
@@ -120,7 +121,7 @@ def _add_training_commands(sub) -> None:
     sft = sub.add_parser("sft", help="Supervised fine-tuning on the chosen responses.",
                          description="Cross-entropy on the chosen responses of preference pairs, the same data "
                                      "pipeline as train; RUN/final is usable as --ref-model and as --model.")
-    add_config_arguments(sft, command_defaults=SFT_DEFAULTS)
+    add_config_arguments(sft, command_defaults=SFT_DEFAULTS, exclude=("loss",))
     sft.set_defaults(run=_run_sft)
 
 
@@ -181,7 +182,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(sub)
     _add_analysis_commands(sub)
     _add_model_commands(sub)
+    _add_quiet(parser, argparse.SUPPRESS)
     return parser
+
+
+def _add_quiet(parser: argparse.ArgumentParser, default) -> None:
+    """-q/--quiet on `dpop` and on every command (a command's flag only counts when given)."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=default if parser.prog != "dpop" else False,
+                        help="Only warnings and errors, no progress messages (progress bars stay).")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_quiet(command, default)
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (a test's capture, a notebook's redirect)."""
+
+    def emit(self, record) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """dpop's messages (the `dpop` loggers) to stdout as plain lines, INFO and up (--quiet: WARNING and up).
+    The library alone configures nothing: an application's own logging setup decides."""
+    logger = logging.getLogger("dpop")
+    for handler in [h for h in logger.handlers if isinstance(h, _StdoutHandler)]:
+        logger.removeHandler(handler)
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 # --- runners: each imports its module on demand ---
@@ -272,13 +305,8 @@ def _run_train(args) -> int:
 
 
 def _run_sft(args) -> int:
-    from dpop.config import config_from_args
+    from dpop.config import SFT_DEFAULTS, config_from_args
 
-    from dpop.config import SFT_DEFAULTS
-    from dpop.errors import ConfigError
-
-    if args.loss not in (None, "sft"):
-        raise ConfigError(f"dpop sft trains with loss sft; for --loss {args.loss} use `dpop train`")
     return _train_or_relaunch(args, config_from_args(args, command_defaults=SFT_DEFAULTS))
 
 
@@ -309,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
+    configure_logging(quiet=getattr(args, "quiet", False))
     keep_freed_memory()
     code = _run_command(args)
     if "WORLD_SIZE" in os.environ:  # under torchrun or accelerate launch (dpop.distributed and torch are loaded)

@@ -38,11 +38,11 @@ def _opt(default, help: str | None, *, choices=None, minimum=None, exclusive_min
                                                  exclusive_maximum=exclusive_maximum, **extra))
 
 
-def _loss_opt(name: str, **bounds):
-    """A loss option: its help and default live in dpop.losses (OPTION_HELP, loss_option_defaults); None here
-    means that default. Bounds are checked for every loss, so a bad value fails before a model loads even
+def _loss_opt(name: str):
+    """A loss option: its help, bounds and default live in dpop.losses (OPTIONS, loss_option_defaults); None
+    here means that default. Bounds are checked for every loss, so a bad value fails before a model loads even
     when the chosen loss ignores the option."""
-    return _opt(None, None, loss_option=name, **bounds)
+    return _opt(None, None, loss_option=name)
 
 
 @dataclass(frozen=True)
@@ -61,18 +61,20 @@ class TrainConfig:
                                            "scores).", choices=("best_worst", "all"))
     task_pairs: int = _opt(1000, "Pairs generated for the builtin task when no data is given.", minimum=1)
     task_edit: str = _opt("low", "Edit distance of the builtin task's rejected answers.", choices=("low", "high"))
+    task_split: str = _opt("train", "The builtin task's split of problems to train on (dpop sft: sft; the eval "
+                                    "split is held out).", choices=("train", "sft"))
     # --- the loss ---
-    loss: str = _opt("dpop", "Preference loss (sft = cross-entropy on the chosen responses, what `dpop sft` runs).",
+    loss: str = _opt("dpop", "Training loss (sft = cross-entropy on the chosen responses, what `dpop sft` runs).",
                      choices_from_losses=True)
     beta: float = _opt(0.3, "β > 0: strength of the implicit KL constraint (DPOP paper: 0.3); ORPO: the weight λ "
                             "of its odds-ratio term.", exclusive_minimum=0.0)
-    dpop_lambda: float | None = _loss_opt("dpop_lambda", minimum=0.0)
-    label_smoothing: float | None = _loss_opt("label_smoothing", minimum=0.0, exclusive_maximum=0.5)
-    rpo_alpha: float | None = _loss_opt("rpo_alpha", minimum=0.0)
-    simpo_gamma: float | None = _loss_opt("simpo_gamma", minimum=0.0)
-    cpo_alpha: float | None = _loss_opt("cpo_alpha", minimum=0.0)
-    exo_epsilon: float | None = _loss_opt("exo_epsilon", exclusive_minimum=0.0, exclusive_maximum=1.0)
-    discopop_tau: float | None = _loss_opt("discopop_tau", exclusive_minimum=0.0)
+    dpop_lambda: float | None = _loss_opt("dpop_lambda")
+    label_smoothing: float | None = _loss_opt("label_smoothing")
+    rpo_alpha: float | None = _loss_opt("rpo_alpha")
+    simpo_gamma: float | None = _loss_opt("simpo_gamma")
+    cpo_alpha: float | None = _loss_opt("cpo_alpha")
+    exo_epsilon: float | None = _loss_opt("exo_epsilon")
+    discopop_tau: float | None = _loss_opt("discopop_tau")
     # --- optimisation ---
     learning_rate: float = _opt(1e-6, "Peak learning rate.", exclusive_minimum=0.0)
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
@@ -201,7 +203,7 @@ def _choices(f) -> tuple[str, ...] | None:
     if f.metadata.get("choices_from_losses"):
         from dpop.losses import LOSSES
 
-        return (*LOSSES, "sft")
+        return tuple(LOSSES)
     return f.metadata.get("choices")
 
 
@@ -241,6 +243,11 @@ def _check_range(f, value) -> None:
     """Choices and bounds; the message names the key, the rule and the nearest valid value where one exists."""
     meta = f.metadata
     if value is None:
+        return
+    if meta.get("loss_option"):
+        from dpop.losses import check_option
+
+        check_option(meta["loss_option"], value)
         return
     choices = _choices(f)
     if choices and value not in choices:
@@ -387,17 +394,18 @@ def write_yaml(config, path: Path) -> None:
 
 
 # `dpop sft` is the same loop with its own defaults (cross-entropy wants a far larger step than DPO).
-SFT_DEFAULTS = {"loss": "sft", "learning_rate": 1e-5}
+SFT_DEFAULTS = {"loss": "sft", "learning_rate": 1e-5, "task_split": "sft"}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConfig,
-                         command_defaults: dict | None = None) -> None:
-    """One --flag per config field, help and default from the field itself. Flags default to None
-    (= not given), so a YAML file's value is only overridden by flags the user actually typed.
+                         command_defaults: dict | None = None, exclude: tuple[str, ...] = ()) -> None:
+    """One --flag per config field (except `exclude`: keys the command fixes), help and default from the field
+    itself. Flags default to None (= not given), so a YAML file's value is only overridden by flags the user
+    actually typed.
     Abbreviated flags are refused (a flag is exactly its YAML key), and an unknown flag is an error that
     suggests the nearest valid one."""
     parser.add_argument("config_file", nargs="?", help="YAML file with config keys (flags override it).")
-    for f in fields(base):
+    for f in _flag_fields(base, exclude):
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         lazy = f.metadata.get("loss_option") or f.metadata.get("choices_from_losses")
@@ -413,7 +421,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConf
         action.dpop_defaults = command_defaults
     parser.formatter_class = _ConfigHelpFormatter
     parser.allow_abbrev = False
-    _refuse_unknown_flags(parser, base)
+    _refuse_unknown_flags(parser, base, exclude)
+
+
+def _flag_fields(base: type, exclude: tuple[str, ...]) -> list:
+    return [f for f in fields(base) if f.name not in exclude]
 
 
 class _ConfigHelpFormatter(argparse.HelpFormatter):
@@ -427,10 +439,10 @@ class _ConfigHelpFormatter(argparse.HelpFormatter):
         return _help_text(f, getattr(action, "dpop_defaults", None)).replace("%", "%%")
 
 
-def _refuse_unknown_flags(parser: argparse.ArgumentParser, base: type) -> None:
+def _refuse_unknown_flags(parser: argparse.ArgumentParser, base: type, exclude: tuple[str, ...] = ()) -> None:
     """argparse hands a subcommand's unknown flags to the top-level parser, which reports them without a hint;
     catch them here and name the nearest valid flag."""
-    flags = ["--" + f.name.replace("_", "-") for f in fields(base)]
+    flags = ["--" + f.name.replace("_", "-") for f in _flag_fields(base, exclude)]
     parse_known_args = parser.parse_known_args
 
     def parse_known_args_checked(args=None, namespace=None):

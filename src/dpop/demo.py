@@ -12,6 +12,7 @@ summary.json, report.html with plots and a reading of the numbers, and a table i
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import time
@@ -19,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dpop.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ CASE_KEYS = {"low": "low_edit", "high": "high_edit"}
 
 
 def _stage(number: int, total: int, text: str) -> None:
-    print(f"\n[{number}/{total}] {text}", flush=True)
+    logger.info(f"\n[{number}/{total}] {text}")
 
 
 def _write_data(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:

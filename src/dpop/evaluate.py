@@ -33,21 +33,19 @@ BUILTIN_EVAL_PROBLEMS = 200
 
 
 def pair_losses(loss: str | None, policy: SequenceLogps, ref, *, beta: float, options: dict):
-    """(losses, chosen_rewards, rejected_rewards), each (P,) or None, for one batch.
+    """(losses, chosen_rewards, rejected_rewards, units), each (P,) or None, for one batch.
 
-    loss: a name registered in dpop.losses; "sft" (mean per-token NLL of y_w, no rewards); or None (no loss,
-    the implicit rewards β·(log πθ − log πref) when a reference is given)."""
-    from dpop.losses import preference_loss
+    loss: a name registered in dpop.losses (units: what each pair counts for in the loss, LossSpec.units);
+    or None (no loss, the implicit rewards β·(log πθ − log πref) when a reference is given)."""
+    from dpop.losses import get_loss, sequence_loss
 
-    if loss == "sft":
-        return -policy.chosen / policy.chosen_lengths.clamp(min=1), None, None
     if loss is None:
         if ref is None:
-            return None, None, None
-        return None, beta * (policy.chosen.float() - ref.chosen), beta * (policy.rejected.float() - ref.rejected)
-    return preference_loss(loss, policy.chosen, policy.rejected, ref.chosen if ref else None,
-                           ref.rejected if ref else None, beta=beta, chosen_lengths=policy.chosen_lengths,
-                           rejected_lengths=policy.rejected_lengths, **options)
+            return None, None, None, None
+        return (None, beta * (policy.chosen.float() - ref.chosen), beta * (policy.rejected.float() - ref.rejected),
+                None)
+    losses, chosen_rewards, rejected_rewards = sequence_loss(loss, policy, ref, beta=beta, options=options)
+    return losses, chosen_rewards, rejected_rewards, get_loss(loss).units(policy.chosen_lengths)
 
 
 @torch.no_grad()
@@ -72,11 +70,12 @@ def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, refere
                 ref = reference.record(indices, policy)
             else:
                 ref = reference(batch, indices) if reference is not None else None
-            losses, chosen_rewards, rejected_rewards = pair_losses(loss, policy, ref, beta=beta, options=options)
+            losses, chosen_rewards, rejected_rewards, units = pair_losses(loss, policy, ref, beta=beta,
+                                                                          options=options)
             record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
                          policy=policy, ref_chosen=ref.chosen if ref else None,
                          ref_rejected=ref.rejected if ref else None, beta=beta,
-                         dpop_lambda=options.get("dpop_lambda", 0.0))
+                         dpop_lambda=options.get("dpop_lambda", 0.0), units=units)
     finally:
         model.train(was_training)
     return stats

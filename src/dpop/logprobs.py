@@ -9,6 +9,7 @@ softmax always runs in fp32, also under bf16.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -176,8 +177,10 @@ def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_toke
     divergent_sum = zeros.index_add(0, pair, token_logps * after_divergence)
     divergent_count = token_logps.new_zeros(num_pairs, dtype=torch.long).index_add(0, pair, after_divergence.long())
     shared_prefix = zeros.index_add(0, pair, token_logps * before_divergence)
+    # a batch laid out without rejected responses (a loss that ignores them, sft) has no rejected log-prob
+    rejected = sums[num_pairs:] if batch.with_rejected else torch.full_like(sums[num_pairs:], math.nan)
     return SequenceLogps(
-        chosen=sums[:num_pairs], rejected=sums[num_pairs:],
+        chosen=sums[:num_pairs], rejected=rejected,
         chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
         divergent_chosen_sum=divergent_sum, divergent_chosen_count=divergent_count,
         shared_prefix=shared_prefix, token_logps=token_logps if keep_tokens else None,

@@ -52,10 +52,12 @@ class PairStats:
 
 
 def record_pairs(stats: PairStats, *, losses, chosen_rewards, rejected_rewards, policy, ref_chosen, ref_rejected,
-                 beta: float = 0.0, dpop_lambda: float = 0.0) -> None:
+                 beta: float = 0.0, dpop_lambda: float = 0.0, units=None) -> None:
     """Add one micro-batch to `stats`. `policy` is a SequenceLogps; ref_* are (P,) tensors or None; `losses`
-    may be None (evaluation without a loss)."""
+    may be None (evaluation without a loss); `units` (P,) what each pair counts for in the logged loss
+    (dpop.losses.LossSpec.units; None = 1 each, the mean over pairs)."""
     nan = torch.full_like(policy.chosen, math.nan)
+    stats.add(loss_units=units if units is not None else torch.ones_like(policy.chosen))
     chosen_delta = policy.chosen - ref_chosen if ref_chosen is not None else nan
     penalty = dpop_penalty(policy.chosen, ref_chosen) if ref_chosen is not None else torch.zeros_like(policy.chosen)
     stats.add(losses=losses if losses is not None else nan,
@@ -76,7 +78,7 @@ def summarize_pairs(stats: PairStats) -> dict[str, float]:
     penalty = stats.get("penalty")
     no_rewards = bool(torch.isnan(chosen_rewards).all())
     return {
-        "loss": _mean(stats.get("losses")),
+        "loss": _weighted_mean(stats.get("losses"), stats.get("loss_units")),
         "rewards/chosen": _mean(chosen_rewards),
         "rewards/rejected": _mean(rejected_rewards),
         "rewards/margins": _mean(chosen_rewards - rejected_rewards),
@@ -101,6 +103,14 @@ def pair_accuracy(stats: PairStats) -> float:
 def _mean(values: torch.Tensor) -> float:
     finite = values[~torch.isnan(values)] if values.numel() else values
     return float(finite.mean()) if finite.numel() else math.nan
+
+
+def _weighted_mean(values: torch.Tensor, units: torch.Tensor) -> float:
+    """Σ values / Σ units over the finite values: a per-token loss's per-pair sums become its value per token."""
+    finite = ~torch.isnan(values)
+    if not bool(finite.any()):
+        return math.nan
+    return float(values[finite].sum() / units[finite].sum())
 
 
 def _logged_step(line: str) -> int | None:

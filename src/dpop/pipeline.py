@@ -5,13 +5,17 @@ Nothing here writes to the run directory: a data error stops the run before anyt
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from dpop.batching import PairBatch, collate
 from dpop.data.tokenize import TokenizedData, TokenizedPair, tokenize_pairs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,14 +25,24 @@ class RunData:
     description: str  # where the data came from, for logs
 
 
-def _load(path, config) -> list:
+def _load(source, config, name: str = "data") -> list:
+    """Validated pairs from a path, or from rows in memory: a list of row dicts, a `datasets.Dataset`, a
+    LoadedPairs or a list of PreferencePair."""
     from dpop.config import parse_columns
-    from dpop.data import load_pairs
+    from dpop.data import LoadedPairs, PreferencePair, load_pairs, pairs_from_rows
 
-    loaded = load_pairs(path, columns=parse_columns(config.columns), ranked_pairs=config.ranked_pairs)
+    options = dict(columns=parse_columns(config.columns), ranked_pairs=config.ranked_pairs)
+    if isinstance(source, (str, os.PathLike)):
+        loaded, where = load_pairs(source, **options), str(source)
+    elif isinstance(source, LoadedPairs):
+        loaded, where = source, source.path
+    elif isinstance(source, (list, tuple)) and source and all(isinstance(p, PreferencePair) for p in source):
+        return list(source)
+    else:
+        loaded, where = pairs_from_rows(source, name=name, **options), name
     if loaded.skipped:
         skipped = ", ".join(f"{n} {reason}" for reason, n in loaded.skipped.items())
-        print(f"dpop: {path}: skipped {skipped}")
+        logger.info("dpop: %s: skipped %s", where, skipped)
     return loaded.pairs
 
 
@@ -49,19 +63,21 @@ class RunPairs:
     description: str
 
 
-def load_run_pairs(config) -> RunPairs:
+def load_run_pairs(config, data=None, eval_data=None) -> RunPairs:
     """Validate every row of the train (and eval) data, or make the builtin task. Runs before any model
-    is loaded, so bad data is reported at once."""
-    if config.data is None:
-        # sft gets its own split of problems, so a demo's SFT never sees the DPO pairs' problems
-        train = _builtin_task(config, "sft" if config.loss == "sft" else "train", config.task_pairs)
-        description = f"builtin arithmetic task ({config.task_pairs} {config.task_edit}-edit pairs)"
-        evaluation = (_builtin_task(config, "eval", max(16, min(200, config.task_pairs // 5)))
-                      if config.eval_data is None else _load(config.eval_data, config))
-    else:
-        train = _load(config.data, config)
-        description = str(config.data)
-        evaluation = _load(config.eval_data, config) if config.eval_data else None
+    is loaded, so bad data is reported at once. `data`, `eval_data`: pairs in memory (see _load), used in
+    place of config.data and config.eval_data."""
+    evaluation_source = eval_data if eval_data is not None else config.eval_data
+    evaluation = _load(evaluation_source, config, "eval_data") if evaluation_source is not None else None
+    if data is not None:
+        return RunPairs(_load(data, config, "data"), evaluation, f"{type(data).__name__} in memory")
+    if config.data is not None:
+        return RunPairs(_load(config.data, config), evaluation, str(config.data))
+    # `dpop sft` takes its own split of problems (task_split sft), so a demo's SFT never sees the DPO pairs'
+    train = _builtin_task(config, config.task_split, config.task_pairs)
+    description = f"builtin arithmetic task ({config.task_pairs} {config.task_edit}-edit pairs)"
+    if evaluation is None:
+        evaluation = _builtin_task(config, "eval", max(16, min(200, config.task_pairs // 5)))
     return RunPairs(train, evaluation, description)
 
 
@@ -79,9 +95,9 @@ def _tokenize(pairs, tokenizer, config, name: str) -> TokenizedData:
                           max_prompt_length=config.max_prompt_length, progress=len(pairs) > 2000)
     if data.dropped:
         dropped = ", ".join(f"{n} ({reason})" for reason, n in data.dropped.items())
-        print(f"dpop: {name} data: dropped {sum(data.dropped.values())} of {len(pairs)} pairs: {dropped}")
+        logger.warning("dpop: %s data: dropped %d of %d pairs: %s", name, sum(data.dropped.values()), len(pairs), dropped)
     if data.truncated:
-        print(f"dpop: {name} data: {data.truncated} pairs truncated to max_length {config.max_length}")
+        logger.info("dpop: %s data: %d pairs truncated to max_length %d", name, data.truncated, config.max_length)
     if not data.pairs:
         raise DataError([f"{name} data: no pairs left after tokenization (max_length {config.max_length})"],
                         header="no usable data")

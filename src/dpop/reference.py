@@ -18,6 +18,7 @@ gathered, the main process writes the cache, and every process uses the main pro
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import copy
 import hashlib
@@ -33,6 +34,8 @@ from dpop.batching import PairBatch
 from dpop.logprobs import sequence_logps
 from dpop.pipeline import make_batch, micro_batches, ordered_batches, pair_lengths
 from dpop.precision import dither_like_policy, prepare_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,7 +85,7 @@ class CachedReference:
 
 def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_batches: int, processes=None):
     """(train reference, eval reference) per config.ref_strategy: callables (batch, pair_indices) -> RefLogps,
-    or (None, None) for sft and reference-free losses. Call it before training starts: `precompute` and the
+    or (None, None) for a reference-free loss (sft among them). Call it before training starts: `precompute` and the
     policy-as-reference read the model's current (initial) weights. `processes`: the accelerator of a
     multi-process run (`needed_micro_batches` then counts micro-batches of all processes together)."""
     from dpop.distributed import SingleProcess
@@ -90,9 +93,9 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
 
     processes = processes or SingleProcess()
 
-    if config.loss == "sft" or LOSSES[config.loss].reference_free:
+    if LOSSES[config.loss].reference_free:
         if config.ref_model:
-            print(f"dpop: loss {config.loss} uses no reference model; ref_model {config.ref_model} is ignored")
+            logger.warning("dpop: loss %s uses no reference model; ref_model %s is ignored", config.loss, config.ref_model)
         return None, None
     if config.ref_model:
         from dpop.models import load_model
@@ -201,7 +204,7 @@ def precompute(live: LiveReference, schedule: list[list[int]], build, num_pairs:
             if torch.isnan(chosen[torch.as_tensor(indices, dtype=torch.long)]).any()]
     if not todo:
         if schedule and main:
-            print(f"dpop: {description}: all {sum(map(len, schedule))} pairs from cache", flush=True)
+            logger.info("dpop: %s: all %d pairs from cache", description, sum(map(len, schedule)))
         return CachedReference(chosen, rejected)
     mine = [schedule[k] for k in todo if k % world == processes.process_index]
     for indices in tqdm(mine, desc=description, unit="batch", disable=not (progress and main)):

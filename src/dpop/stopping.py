@@ -71,9 +71,8 @@ class StopSignals:
 
 
 def resume_command(config) -> str:
-    """The shell command that continues a run: its config.yaml supplies every other option."""
-    command = "sft" if config.loss == "sft" else "train"
-    return f"dpop {command} --output-dir {shlex.quote(str(config.output_dir))} --resume"
+    """The shell command that continues a run (`dpop sft`'s too): its config.yaml supplies every other option."""
+    return f"dpop train --output-dir {shlex.quote(str(config.output_dir))} --resume"
 
 
 def run_stopped(signal_name: str, step: int, total_steps: int, checkpoint: Path, config) -> RunStopped:

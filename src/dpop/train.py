@@ -1,4 +1,4 @@
-"""The training loop for `dpop train` (preference losses) and `dpop sft` (loss "sft"), on accelerate.
+"""The training loop for `dpop train` and `dpop sft` (the registered loss sft), on accelerate.
 
     dpop train --loss dpop --max-steps 100 --output-dir runs/dpop
     dpop sft --data pairs.jsonl --output-dir runs/sft      # then: dpop train --ref-model runs/sft/final ...
@@ -9,9 +9,9 @@ Stages: check the run dir -> load and validate data -> model, tokenizer, tokenis
 Nothing is written to the run dir before the data has validated and the model has loaded.
 The loop never branches on the loss name: losses are looked up in dpop.losses' registry.
 
-Gradient accumulation is exact: each micro-batch's loss is its SUM of per-pair losses divided by the pairs
-in the whole optimizer step (sft: chosen tokens in the step), so batch 4 x 1 and batch 1 x 4 give the same
-gradient. Resume is exact too: weights, optimizer, scheduler, RNG and the data position are restored and
+Gradient accumulation is exact: each micro-batch's loss is its SUM of per-pair losses divided by the units
+of the whole optimizer step (its pairs; for a per-token loss such as sft, its chosen tokens: LossSpec.units),
+so batch 4 x 1 and batch 1 x 4 give the same gradient, and the logged loss is the one optimised. Resume is exact too: weights, optimizer, scheduler, RNG and the data position are restored and
 the data order is a function of (seed, epoch) only. On several processes (accelerate launch, torchrun, or
 --num-processes) batch_size is per process and the run takes the single-process run's steps: dpop.distributed.
 A first SIGINT/SIGTERM ends the run after the step in progress with a checkpoint and the command that resumes
@@ -20,6 +20,7 @@ it; non-finite steps are skipped, and max_bad_steps of them in a row stop the ru
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import functools
 import json
@@ -35,15 +36,17 @@ from dpop.checkpoint import (TrainState, check_run_dir, clear_run_dir, make_run_
                              save_checkpoint, save_final)
 from dpop.config import TrainConfig, make_config, resolve, write_yaml
 from dpop.errors import ConfigError
-from dpop.evaluate import pair_losses, pair_metrics, score_pairs
+from dpop.evaluate import pair_metrics, score_pairs
 from dpop.logprobs import backbone_and_head
-from dpop.losses import loss_options
+from dpop.losses import LossSpec, get_loss, loss_options, sequence_loss
 from dpop.metrics import (PRECISION_KEYS, DeadZoneWatch, FailureModeWatch, MetricsLog, PairStats, check_trackers,
                           record_pairs, summarize_pairs, tracker_values)
 from dpop.pipeline import (load_run_pairs, make_batch, micro_batches, optimizer_steps, pair_lengths,
                            steps_per_epoch, tokenize_run_pairs)
 from dpop.reference import build_reference
 from dpop.stopping import StopSignals, non_finite_error, run_stopped
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Run:
     tokenizer: object
     accelerator: object
     data: object  # RunData
-    reference: object | None  # callable (batch, pair_indices) -> RefLogps, or None (sft, reference-free)
+    reference: object | None  # callable (batch, pair_indices) -> RefLogps, or None (a reference-free loss)
     eval_reference: object | None
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -72,8 +75,8 @@ class Run:
         return self.config.batch_size * self.accelerator.num_processes
 
     @property
-    def is_sft(self) -> bool:
-        return self.config.loss == "sft"
+    def loss(self) -> LossSpec:
+        return get_loss(self.config.loss)
 
     def layout(self, **extra) -> dict:
         return dict(layout=self.config.layout, pad_id=self.tokenizer.pad_token_id,
@@ -233,7 +236,7 @@ def setup(config: TrainConfig) -> Run:
     weights = precision.trained_weights(model, config.precision, config.seed)  # bf16-sr: dithers them now
     data = tokenize_run_pairs(pairs, tokenizer, config)
     if config.eval_every and data.eval is None:
-        print(f"dpop: eval_every {config.eval_every} but no eval_data: no evaluation in this run")
+        logger.warning("dpop: eval_every %d but no eval_data: no evaluation in this run", config.eval_every)
     world_batch = config.batch_size * accelerator.num_processes
     per_epoch = steps_per_epoch(len(data.train.pairs), world_batch, config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
@@ -246,7 +249,7 @@ def setup(config: TrainConfig) -> Run:
     optimizer, scheduler = _make_optimizer(config, model, total_steps)
     scorer, optimizer, scheduler = accelerator.prepare(distributed.PolicyScorer(model, config.chunk_tokens),
                                                        optimizer, scheduler)
-    options = {} if config.loss == "sft" else loss_options(config.loss, config.to_dict())
+    options = loss_options(config.loss, config.to_dict())
     return Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer,
                scheduler, total_steps, options, state=TrainState(num_processes=accelerator.num_processes),
                scorer=scorer, weights=weights)
@@ -254,13 +257,13 @@ def setup(config: TrainConfig) -> Run:
 
 # --- one optimizer step ---------------------------------------------------------------------------------
 
-def _micro_batch_loss(run: Run, micro, stats: PairStats, pairs_in_step: int, tokens_in_step: int) -> tuple:
+def _micro_batch_loss(run: Run, micro, stats: PairStats, units_in_step: float) -> tuple:
     """(loss to backpropagate, input tokens) of this process's share of one micro-batch: chosen and rejected
     in one forward pass."""
     config, pairs, accelerator = run.config, run.data.train.pairs, run.accelerator
     indices, weight = distributed.process_share(micro.pair_indices, accelerator.process_index,
                                                 accelerator.num_processes)
-    batch = make_batch(pairs, indices, **run.layout(with_rejected=not run.is_sft))
+    batch = make_batch(pairs, indices, **run.layout(with_rejected=run.loss.uses_rejected))
     batch = batch.to(accelerator.device)
     with accelerator.autocast():
         policy = run.scorer(batch)  # (P,) sums
@@ -268,19 +271,15 @@ def _micro_batch_loss(run: Run, micro, stats: PairStats, pairs_in_step: int, tok
         return policy.chosen.sum() * 0.0, 0
     ref = run.reference(batch, indices) if run.reference is not None else None
     options = run.loss_options
-    losses, chosen_rewards, rejected_rewards = pair_losses(config.loss, policy, ref, beta=config.beta,
-                                                           options=options)
-    # The engines AVERAGE gradients over processes; × num_processes turns that average into the sum over all
-    # the step's pairs / pairs_in_step, the single-process gradient (dpop.distributed).
-    processes = accelerator.num_processes
-    if run.is_sft:
-        stats.add(losses=losses, chosen=policy.chosen)
-        # NLL per chosen token of the step
-        return -policy.chosen.sum() * processes / tokens_in_step, batch.num_input_tokens
+    losses, chosen_rewards, rejected_rewards = sequence_loss(config.loss, policy, ref, beta=config.beta,
+                                                             options=options)
     record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
                  policy=policy, ref_chosen=ref.chosen if ref else None, ref_rejected=ref.rejected if ref else None,
-                 beta=config.beta, dpop_lambda=options.get("dpop_lambda", 0.0))
-    return losses.sum() * processes / pairs_in_step, batch.num_input_tokens
+                 beta=config.beta, dpop_lambda=options.get("dpop_lambda", 0.0),
+                 units=run.loss.units(policy.chosen_lengths))
+    # The engines AVERAGE gradients over processes; × num_processes turns that average into the sum over all
+    # the step's pairs / units_in_step, the single-process gradient (dpop.distributed).
+    return losses.sum() * accelerator.num_processes / units_in_step, batch.num_input_tokens
 
 
 def train_step(run: Run, step_batches) -> dict:
@@ -289,14 +288,15 @@ def train_step(run: Run, step_batches) -> dict:
     started = time.perf_counter()
     stats = PairStats()
     pairs_in_step = sum(len(mb.pair_indices) for mb in step_batches)
-    tokens_in_step = sum(len(pairs[i].chosen_ids) for mb in step_batches for i in mb.pair_indices)
+    lengths = torch.tensor([len(pairs[i].chosen_ids) for mb in step_batches for i in mb.pair_indices])
+    units_in_step = float(run.loss.units(lengths).sum())
     tokens = 0
     accelerator = run.accelerator
     for position, micro in enumerate(step_batches):
         is_last = position == len(step_batches) - 1
         accelerator.sync_gradients = is_last  # DeepSpeed ends the step at the backward that syncs
         with contextlib.nullcontext() if is_last else accelerator.no_sync(run.scorer):  # reduce once per step
-            loss, micro_tokens = _micro_batch_loss(run, micro, stats, pairs_in_step, tokens_in_step)
+            loss, micro_tokens = _micro_batch_loss(run, micro, stats, units_in_step)
             accelerator.backward(loss)
         tokens += micro_tokens
     stats, tokens = distributed.gather_step(stats, tokens, accelerator)  # every process's pairs, on every process
@@ -316,8 +316,7 @@ def train_step(run: Run, step_batches) -> dict:
     run.state.step += 1
     run.state.epoch, run.state.micro_index = last.epoch, last.index + 1
     run.state.pairs_seen += pairs_in_step
-    row = (summarize_pairs(stats) if not run.is_sft else
-           {"loss": float(stats.get("losses").mean()), "logps/chosen": float(stats.get("chosen").mean())})
+    row = summarize_pairs(stats)
     row.update({"lr": lr, "grad_norm": grad_norm, "throughput/pairs_per_s": pairs_in_step / elapsed,
                 "throughput/tokens_per_s": tokens / elapsed, "memory/peak_gb": _peak_memory_gb(),
                 "step": run.state.step, "epoch": run.state.pairs_seen / len(pairs),
@@ -374,9 +373,9 @@ def train(config: TrainConfig) -> dict:
         run.accelerator.init_trackers(run.run_dir.name, config=config.to_dict())
     watch = FailureModeWatch(config.loss)
     precision_watch = DeadZoneWatch(config.precision)
-    print(f"dpop {'sft' if run.is_sft else 'train'}: loss {config.loss}, {len(run.data.train.pairs)} pairs "
+    logger.info(f"dpop: loss {config.loss}, {len(run.data.train.pairs)} pairs "
           f"from {run.data.description}, {run.total_steps} steps, precision {config.precision}, "
-          f"layout {config.layout}, output {run.run_dir}", flush=True)
+          f"layout {config.layout}, output {run.run_dir}")
     try:
         with StopSignals() as stop:  # SIGINT/SIGTERM: finish the step, checkpoint, exit 0 (dpop.stopping)
             last_row = _loop(run, log, (watch, precision_watch), stop)
@@ -404,7 +403,7 @@ def train(config: TrainConfig) -> dict:
                "train": last_row, "eval": final_eval}
     if main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(summary_line(run.state.step, last_row, final_eval, final), flush=True)
+    logger.info(summary_line(run.state.step, last_row, final_eval, final))
     distributed.shut_down(run.accelerator)
     return summary
 
@@ -414,20 +413,20 @@ def _resume(run: Run) -> None:
         restored = restore_latest(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer,
                                   run.scheduler, process_index=run.accelerator.process_index)
     if restored is None:
-        print(f"dpop: {run.run_dir} has no loadable checkpoint; starting from step 0")
+        logger.warning("dpop: %s has no loadable checkpoint; starting from step 0", run.run_dir)
         return
     if restored[0].num_processes != run.accelerator.num_processes:
         raise ConfigError(f"--resume: {restored[1]} was written by {restored[0].num_processes} process(es), this run "
                           f"has {run.accelerator.num_processes}; resume with {restored[0].num_processes}")
     run.state, path = restored
-    print(f"dpop: resumed from {path} (step {run.state.step}, {run.state.pairs_seen} pairs seen)")
+    logger.info("dpop: resumed from %s (step %d, %d pairs seen)", path, run.state.step, run.state.pairs_seen)
 
 
 def _save_checkpoint(run: Run) -> Path:
     """Every process calls it (their RNG states are gathered); the main process writes."""
     path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
     if distributed.splits_state(run.accelerator):  # refused in setup unless a stop signal asks for one
-        print(f"dpop: no checkpoint: {distributed.engine_name(run.accelerator)} splits the optimizer state")
+        logger.warning("dpop: no checkpoint: %s splits the optimizer state", distributed.engine_name(run.accelerator))
         return path
     rng_states = distributed.gather_values(rng_state(), run.accelerator)
     if run.accelerator.is_main_process:

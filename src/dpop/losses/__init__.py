@@ -10,7 +10,8 @@ The training loop calls one function and never branches on a loss name:
 Inputs are per-pair SUMS of response-token log-probs, shape (B,), in any float dtype (the math runs in
 fp32, or fp64 for fp64 inputs); lengths are response token counts (B,). Each loss's docstring says which
 log-probs it compares (sums or length-averaged). Outputs are per-pair losses (B,) — the caller takes the
-mean — and the implicit rewards (B,), detached. A loss's options are the keyword-only parameters of its
+mean, or for a per-token loss (sft) the sum over the step's chosen tokens: LossSpec.units — and the implicit
+rewards (B,), detached. A loss's options are the keyword-only parameters of its
 function, with their defaults; they are read from the signature here, so they are defined in one place.
 """
 
@@ -22,16 +23,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from dpop.errors import ConfigError
 from dpop.losses._common import LossOutput, Tensor
+from dpop.losses.options import OPTIONS, check_option
 from dpop.losses.reference_based import (cdpo_loss, dpo_loss, dpop_loss, dpop_penalty, hinge_loss, ipo_loss,
                                          robust_loss, rpo_loss, sigmoid_norm_loss)
-from dpop.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
+from dpop.losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
 from dpop.losses.trl_pairwise import (aot_loss, apo_down_loss, apo_zero_loss, bco_pair_loss, discopop_loss,
                                       exo_pair_loss, nca_pair_loss, sppo_hard_loss)
 
-__all__ = ["LOSSES", "OPTION_HELP", "LossSpec", "dpop_penalty", "get_loss", "loss_option_defaults",
-           "loss_options", "preference_loss"]
+__all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss",
+           "loss_option_defaults", "loss_options", "preference_loss", "sequence_loss"]
 
 
 @dataclass(frozen=True)
@@ -44,25 +48,24 @@ class LossSpec:
     reference_free: bool  # ref log-probs not used (may be None)
     needs_lengths: bool  # needs response token counts
     citation: str
+    uses_rejected: bool = True  # False: only prompt + chosen are scored (rejected log-probs are NaN)
+    per_token: bool = False  # a step's loss is Σ losses / Σ |y_w| (chosen tokens) instead of the mean over pairs
+
+    def units(self, chosen_lengths: Tensor) -> Tensor:
+        """What each pair counts for in a step's loss: 1, or its chosen tokens for a per-token loss. A step's
+        loss is Σ per-pair losses / Σ units over the step's pairs (also across micro-batches and processes)."""
+        if self.per_token:
+            return chosen_lengths.float().clamp(min=1.0)
+        return torch.ones(chosen_lengths.shape, dtype=torch.float32, device=chosen_lengths.device)
 
 
-# What each option means, once; `--help` and config docs are generated from this.
-OPTION_HELP: dict[str, str] = {
-    "dpop_lambda": "DPOP's λ ≥ 0: weight of the penalty max(0, log πref(y_w|x) − log πθ(y_w|x)), "
-                   "subtracted from the margin inside the sigmoid (paper: 50)",
-    "label_smoothing": "ε in [0, 0.5): the assumed label-flip rate (robust: unbiased correction; "
-                       "cdpo and aot: smoothed label 1 − ε)",
-    "rpo_alpha": "RPO's α ≥ 0: weight of y_w's mean per-token NLL added to the DPO loss",
-    "simpo_gamma": "SimPO's γ ≥ 0: target margin between the β-scaled average log-probs",
-    "cpo_alpha": "CPO's α ≥ 0: weight of y_w's mean per-token NLL added to the CPO preference loss",
-    "exo_epsilon": "EXO's ε in (0, 1): label smoothing of the target distribution (paper: 1e-3)",
-    "discopop_tau": "DiscoPOP's τ > 0: temperature of the logistic/exponential mixing weight (paper: 0.05)",
-}
+# What each option means, once (dpop.losses.options); `--help` and the config docs are generated from it.
+OPTION_HELP: dict[str, str] = {name: option.help for name, option in OPTIONS.items()}
 
 _NOT_OPTIONS = {"beta", "chosen_lengths", "rejected_lengths"}
 
 
-def _spec(name: str, fn: Callable[..., LossOutput], citation: str) -> LossSpec:
+def _spec(name: str, fn: Callable[..., LossOutput], citation: str, **flags: bool) -> LossSpec:
     """Build a LossSpec from the function's signature: 2 positional tensors = reference-free, 4 = reference-
     based; `chosen_lengths` among its keywords = needs lengths; other keyword-only parameters = options."""
     parameters = inspect.signature(fn).parameters.values()
@@ -70,7 +73,7 @@ def _spec(name: str, fn: Callable[..., LossOutput], citation: str) -> LossSpec:
     keywords = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
     options = {key: float(default) for key, default in keywords.items() if key not in _NOT_OPTIONS}
     return LossSpec(name=name, fn=fn, options=options, reference_free=len(positional) == 2,
-                    needs_lengths="chosen_lengths" in keywords, citation=citation)
+                    needs_lengths="chosen_lengths" in keywords, citation=citation, **flags)
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
@@ -92,6 +95,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
     _spec("apo_down", apo_down_loss, "D'Oosterlinck et al. 2024 (APO), eq. 8"),
     _spec("discopop", discopop_loss, "Lu et al. 2024 (DiscoPOP), eq. 5"),
     _spec("aot", aot_loss, "Melnyk et al. 2024 (AOT), paired, hard sorting, logistic loss"),
+    _spec("sft", sft_loss, "supervised fine-tuning: cross-entropy per chosen token (what `dpop sft` runs)",
+          uses_rejected=False, per_token=True),
     _spec("sigmoid_norm", sigmoid_norm_loss,
           "Rafailov et al. 2023, eq. 7 on length-averaged log-ratios (as in Lambert et al. 2024, Tülu 3)"),
 ]}
@@ -193,3 +198,12 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
                           "chosen_lengths": chosen_lengths if spec.needs_lengths else None,
                           "rejected_lengths": rejected_lengths if spec.needs_lengths else None})
     return spec.fn(*args, beta=beta, **values)
+
+
+def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, float] | None = None):
+    """preference_loss on scored sequences: `policy` and `ref` carry .chosen and .rejected log-prob sums (B,)
+    (dpop.logprobs.SequenceLogps, dpop.reference.RefLogps); `policy` also the token counts; `ref` may be None
+    for a reference-free loss."""
+    return preference_loss(name, policy.chosen, policy.rejected, ref.chosen if ref is not None else None,
+                           ref.rejected if ref is not None else None, beta=beta, chosen_lengths=policy.chosen_lengths,
+                           rejected_lengths=policy.rejected_lengths, **(options or {}))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from dpop.errors import ConfigError
-
 Tensor = torch.Tensor
 LossOutput = tuple[Tensor, Tensor, Tensor]  # (losses, chosen_rewards, rejected_rewards), each (B,)
 
@@ -23,18 +21,6 @@ def per_token(sum_logps: Tensor, lengths: Tensor) -> Tensor:
     so a degenerate empty response gives its sum instead of a division by zero)."""
     sum_logps = as_float(sum_logps)
     return sum_logps / lengths.to(sum_logps.dtype).clamp(min=1.0)
-
-
-def check_range(loss: str, option: str, value: float, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """ConfigError unless low <= value <= high (with '<' on an open end)."""
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ConfigError(f"loss {loss!r}: option {option} = {value} is outside {interval}")
 
 
 def log1mexp(log_p: Tensor) -> Tensor:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpop.losses._common import LossOutput, Tensor, as_float, check_range, implicit_rewards, logratio_margin, per_token
+from dpop.losses._common import LossOutput, Tensor, as_float, implicit_rewards, logratio_margin, per_token
+from dpop.losses.options import check_option
 
 
 def dpop_penalty(policy_chosen_logps: Tensor, ref_chosen_logps: Tensor) -> Tensor:
@@ -64,7 +65,7 @@ def dpop_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         (losses, chosen_rewards, rejected_rewards), each (B,). The chosen reward is the plain β·(lw − rw),
         as for every reference-based loss; the penalised one is β·(lw − rw − λ·dpop_penalty(lw, rw)).
     """
-    check_range("dpop", "dpop_lambda", dpop_lambda, low=0.0)
+    check_option("dpop_lambda", dpop_lambda, loss="dpop")
     margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     penalty = dpop_penalty(policy_chosen_logps, ref_chosen_logps)
     losses = -F.logsigmoid(beta * (margin - dpop_lambda * penalty))  # eq. 3 (v2)
@@ -109,7 +110,7 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     Args:
         label_smoothing: ε, the assumed probability that a pair's preference label is flipped.
     """
-    check_range("robust", "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
+    check_option("label_smoothing", label_smoothing, loss="robust")
     margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * margin
     eps = label_smoothing
@@ -128,7 +129,7 @@ def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     Args:
         label_smoothing: ε in [0, 0.5), the assumed label noise.
     """
-    check_range("cdpo", "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
+    check_option("label_smoothing", label_smoothing, loss="cdpo")
     margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * margin
     losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -150,7 +151,7 @@ def rpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         rpo_alpha: α ≥ 0, weight of the NLL term (the paper's α = 1).
     """
     del rejected_lengths
-    check_range("rpo", "rpo_alpha", rpo_alpha, low=0.0)
+    check_option("rpo_alpha", rpo_alpha, loss="rpo")
     margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     nll = -per_token(policy_chosen_logps, chosen_lengths)
     losses = -F.logsigmoid(beta * margin) + rpo_alpha * nll

@@ -1,4 +1,4 @@
-"""Losses that need no reference model: SimPO, CPO, ORPO.
+"""Losses that need no reference model: SimPO, CPO, ORPO, and SFT (the chosen responses' NLL).
 
 lw, ll are policy log-prob SUMS over response tokens (B,); |y_w|, |y_l| token counts; a_w = lw/|y_w| and
 a_l = ll/|y_l| the length-averaged log-probs. Every function returns (losses, chosen_rewards,
@@ -8,9 +8,13 @@ SimPO and ORPO, summed for CPO), detached.
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 
-from dpop.losses._common import LossOutput, Tensor, as_float, check_range, log1mexp, per_token
+from dpop.losses._common import LossOutput, Tensor, as_float, log1mexp, per_token
+from dpop.losses.options import check_option
 
 # Largest average log-prob ORPO's odds accept: at exactly 0 (a response of probability 1 in fp32, possible
 # for a memorised one) the odds and their gradient are infinite.
@@ -28,7 +32,7 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta: float, chose
     Args:
         simpo_gamma: γ ≥ 0, the target reward margin (TRL's default 0.5; the paper tunes γ/β ≈ 0.5).
     """
-    check_range("simpo", "simpo_gamma", simpo_gamma, low=0.0)
+    check_option("simpo_gamma", simpo_gamma, loss="simpo")
     chosen_average = per_token(policy_chosen_logps, chosen_lengths)
     rejected_average = per_token(policy_rejected_logps, rejected_lengths)
     losses = -F.logsigmoid(beta * (chosen_average - rejected_average) - simpo_gamma)  # eq. 6
@@ -48,7 +52,7 @@ def cpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta: float, chosen_
         cpo_alpha: α ≥ 0, weight of the NLL term (the paper's and TRL's 1).
     """
     del rejected_lengths
-    check_range("cpo", "cpo_alpha", cpo_alpha, low=0.0)
+    check_option("cpo_alpha", cpo_alpha, loss="cpo")
     chosen, rejected = as_float(policy_chosen_logps), as_float(policy_rejected_logps)
     nll = -per_token(chosen, chosen_lengths)
     losses = -F.logsigmoid(beta * (chosen - rejected)) + cpo_alpha * nll  # eq. 3 + NLL
@@ -72,3 +76,13 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta: float, chosen
     log_odds_ratio = (chosen_average - log1mexp(chosen_average)) - (rejected_average - log1mexp(rejected_average))
     losses = -chosen_average - beta * F.logsigmoid(log_odds_ratio)  # eq. 6, eq. 7
     return losses, (beta * chosen_average).detach(), (beta * rejected_average).detach()
+
+
+def sft_loss(policy_chosen_logps, policy_rejected_logps, *, beta: float) -> LossOutput:
+    """SFT: the NLL −lw of the chosen response (lw its log-prob SUMS), per pair; y_l and β are unused. Its spec normalises by tokens:
+    a step's loss is Σ −lw over Σ |y_w| of the step's pairs, the cross-entropy per chosen token, so long
+    responses weigh by their length as in plain causal-LM fine-tuning. There are no rewards (NaN)."""
+    del policy_rejected_logps, beta
+    losses = -as_float(policy_chosen_logps)
+    no_rewards = torch.full_like(losses, math.nan).detach()
+    return losses, no_rewards, no_rewards.clone()

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpop.losses._common import LossOutput, as_float, check_range, implicit_rewards, log_ratios, logratio_margin
+from dpop.losses._common import LossOutput, as_float, implicit_rewards, log_ratios, logratio_margin
+from dpop.losses.options import check_option
 
 
 def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
@@ -70,7 +71,7 @@ def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     Args:
         exo_epsilon: ε in (0, 1), the label smoothing of EXO's target distribution.
     """
-    check_range("exo_pair", "exo_epsilon", exo_epsilon, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_option("exo_epsilon", exo_epsilon, loss="exo_pair")
     margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * margin
     log_q_chosen, log_q_rejected = F.logsigmoid(z), F.logsigmoid(-z)
@@ -115,7 +116,7 @@ def discopop_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     Args:
         discopop_tau: τ > 0, the temperature of the mixing weight (the paper's 0.05).
     """
-    check_range("discopop", "discopop_tau", discopop_tau, low=0.0, low_open=True)
+    check_option("discopop_tau", discopop_tau, loss="discopop")
     margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     rho = beta * margin
     logistic = -F.logsigmoid(rho)
@@ -139,7 +140,7 @@ def aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     Args:
         label_smoothing: ε in [0, 0.5), conservative label smoothing as in cdpo_loss (0 = none).
     """
-    check_range("aot", "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
+    check_option("label_smoothing", label_smoothing, loss="aot")
     policy_margins = as_float(policy_chosen_logps) - as_float(policy_rejected_logps)
     ref_margins = as_float(ref_chosen_logps) - as_float(ref_rejected_logps)
     rank_delta = torch.sort(policy_margins, dim=0).values - torch.sort(ref_margins, dim=0).values
