@@ -64,8 +64,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_report import (TARGETS, compare, curve_difference, print_header, print_report,  # noqa: E402
-                          summarize, target_rows)
+from bench_report import TARGETS, compare, curve_difference, print_header, print_report, summarize, target_rows  # noqa: E402
 
 from dpop.config import resolve_precision  # noqa: E402
 

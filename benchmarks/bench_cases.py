@@ -137,6 +137,6 @@ def build_rows(case: Case, tokenizer, num_pairs: int) -> list[dict]:
 def in_dpop_order(rows: list[dict]) -> list[dict]:
     """The rows as dpop's data stream visits them in its first epoch (seed TASK_SEED): consecutive slices
     of `batch_size` are dpop's micro-batches."""
-    from dpop.pipeline import epoch_order
+    from dpop.data.order import epoch_order
 
     return [rows[i] for i in epoch_order(len(rows), TASK_SEED, 0)]

@@ -28,7 +28,6 @@ from pathlib import Path
 from bench_cases import TASK_SEED, build_rows, in_dpop_order, make_case
 from bench_flops import Work, layout_work, measure_matmul, model_dims, rows_work, step_flops
 
-
 # --- memory ---------------------------------------------------------------------------------------------
 
 def _status_kib(field: str) -> int | None:
@@ -109,7 +108,8 @@ def _margin_nats(row: dict) -> float | None:
 
 def run_dpop(args) -> dict:
     """setup() then train_step() per optimizer step, each step timed with perf_counter around the call."""
-    import dpop.train as dpop_train
+    import dpop.training.loop as dpop_train
+    import dpop.training.setup as dpop_setup
     from dpop.config import make_config
     from dpop.models import load_tokenizer, resolve_model
     from dpop.tasks.arithmetic import write_jsonl
@@ -133,7 +133,7 @@ def run_dpop(args) -> dict:
     config = make_config(values)
 
     reference_seconds = []
-    build_reference = dpop_train.build_reference
+    build_reference = dpop_setup.build_reference
 
     def timed_build_reference(*a, **k):  # the reference pass, reported apart from setup
         started = time.perf_counter()
@@ -142,19 +142,19 @@ def run_dpop(args) -> dict:
         finally:
             reference_seconds.append(time.perf_counter() - started)
 
-    dpop_train.build_reference = timed_build_reference
+    dpop_setup.build_reference = timed_build_reference
     try:
-        return _time_dpop(dpop_train, config, case, args, reference_seconds)
+        return _time_dpop(dpop_train, dpop_setup, config, case, args, reference_seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _time_dpop(dpop_train, config, case, args, reference_seconds: list) -> dict:
-    from dpop.pipeline import micro_batches, optimizer_steps
+def _time_dpop(dpop_train, dpop_setup, config, case, args, reference_seconds: list) -> dict:
+    from dpop.data.order import micro_batches, optimizer_steps
 
     total_steps = args.warmup + args.steps
     started = time.perf_counter()
-    run = dpop_train.setup(config)
+    run = dpop_setup.setup(config)
     setup_seconds = time.perf_counter() - started
     setup_hwm, reset_ok = _status_kib("VmHWM"), reset_peak_rss()
 

@@ -29,7 +29,7 @@ def dpop_cache(tmp_path, monkeypatch) -> Path:
 
 def save_tiny_model(directory: Path, *, seed: int = 0, **config_overrides) -> Path:
     """Save a tiny random 2-layer Llama and its tokenizer as a model dir that `--model DIR` accepts."""
-    from dpop.models import make_tiny_model, make_tiny_tokenizer
+    from dpop.models.tiny import make_tiny_model, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model(tokenizer, seed=seed)

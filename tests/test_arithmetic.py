@@ -13,12 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpop.data.textdiff import normalized_edit_distance
 from dpop.errors import ConfigError
 from dpop.tasks import arithmetic
 from dpop.tasks.arithmetic import (
+    _TEMPLATES,
     ANSWER_LINE,
     SPLITS,
-    _TEMPLATES,
     extract_answer,
     is_correct,
     make_pairs,
@@ -26,7 +27,6 @@ from dpop.tasks.arithmetic import (
     split_of,
     write_jsonl,
 )
-from dpop.textdiff import normalized_edit_distance
 
 _EQUATION = re.compile(r"(-?\d+) ([-+×÷]) (-?\d+) = (-?\d+)")
 _INTEGER = re.compile(r"\d+")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpop.bt import fit_bradley_terry, fit_table, format_bt, read_win_table
+from dpop.analysis.bt import fit_bradley_terry, fit_table, format_bt, read_win_table
 from dpop.errors import DataError
 
 SEED_TABLE = "winner,loser,count\nA,B,8\nB,A,4\nA,C,3\nC,A,5\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpop.train import train
+from dpop.training.loop import train
 
 COMMON = dict(max_steps=3, save_every=1, keep_checkpoints=3, learning_rate=1e-3)
 

@@ -9,7 +9,7 @@ import pytest
 
 from dpop.cli import main
 from dpop.data import load_pairs
-from dpop.textdiff import normalized_edit_distance
+from dpop.data.textdiff import normalized_edit_distance
 
 COMMANDS = [["train"], ["sft"], ["eval"], ["generate"], ["data", "make"], ["data", "doctor"], ["report"],
             ["landscape"], ["bt", "fit"], ["models", "fetch"]]

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from dpop.cli import main
-from dpop.config import (SFT_DEFAULTS, TrainConfig, add_config_arguments, config_from_args, make_config, read_yaml,
-                         resolve, write_yaml)
+from dpop.config import TrainConfig, make_config, resolve
+from dpop.config.flags import SFT_DEFAULTS, add_config_arguments, config_from_args, read_yaml, write_yaml
 from dpop.errors import ConfigError
 from dpop.losses import LOSSES, OPTION_HELP, loss_option_defaults
 
@@ -192,7 +192,7 @@ def test_yaml_lists_and_maps_and_ranked_pairs_are_config_values(tmp_path):
 def test_ranked_pairs_reaches_the_data_loader(tmp_path):
     import json
 
-    from dpop.pipeline import load_run_pairs
+    from dpop.data.runs import load_run_pairs
 
     data = tmp_path / "ranked.jsonl"
     data.write_text(json.dumps({"prompt": "2 + 3?", "completions": [{"text": "5", "score": 3}, {"text": "6", "score": 1},

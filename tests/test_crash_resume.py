@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dpop.train
+import dpop.training.loop
 from dpop.cli import main
 
 CHILD = Path(__file__).with_name("train_child.py")
@@ -39,7 +39,7 @@ def train_args(run_dir, model_dir, data) -> list[str]:
 
 def record_steps(monkeypatch) -> list:
     """(step, pairs of each micro-batch) for every step this process completes from now on."""
-    seen, real_step = [], dpop.train.train_step
+    seen, real_step = [], dpop.training.loop.train_step
 
     def recording(run, batches):
         number = run.state.step + 1
@@ -47,7 +47,7 @@ def record_steps(monkeypatch) -> list:
         seen.append((number, [list(mb.pair_indices) for mb in batches]))
         return row
 
-    monkeypatch.setattr(dpop.train, "train_step", recording)
+    monkeypatch.setattr(dpop.training.loop, "train_step", recording)
     return seen
 
 

@@ -13,7 +13,7 @@ REQUIRED = ("answer_accuracy", "pair_accuracy", "chosen_delta", "margin", "diver
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    from dpop.models import make_tiny_model, make_tiny_tokenizer
+    from dpop.models.tiny import make_tiny_model, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
     path = tmp_path / "tiny"
@@ -44,7 +44,7 @@ def test_demo_writes_summary_report_and_table(tmp_path, tiny_model_dir, monkeypa
 
 
 def test_the_edit_distance_contrast_is_stated_plainly_either_way():
-    from dpop.demo_report import edit_contrast
+    from dpop.reporting.demo_report import edit_contrast
 
     def summary(low, high):
         return {"low_edit": {"dpo": {"chosen_delta": low}}, "high_edit": {"dpo": {"chosen_delta": high}}}

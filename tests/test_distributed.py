@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from dpop.cli import main
 from dpop.distributed import _children, all_slices, process_share, process_slice
 from dpop.errors import ConfigError
-from dpop.train import train
+from dpop.training.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 NOT_COMPARED = ("throughput/", "memory/")  # timings and this process's memory

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-import dpop.generate
+import dpop.evaluation.generate
 from dpop.cli import main
 from dpop.data import load_pairs
 from dpop.data.tokenize import tokenize_pairs
-from dpop.evaluate import evaluate_model
+from dpop.evaluation.evaluate import evaluate_model
 from dpop.models import load_model
 
 
@@ -70,7 +70,7 @@ def test_answer_accuracy_scores_the_generations(tiny, eval_pairs_file, monkeypat
     def half_right(model, tokenizer, prompts, **kwargs):
         return [f"So the answer is {answers[str(p)] + (i % 2)}." for i, p in enumerate(prompts)]
 
-    monkeypatch.setattr(dpop.generate, "generate_texts", half_right)
+    monkeypatch.setattr(dpop.evaluation.generate, "generate_texts", half_right)
     results = evaluate_model(model, tokenizer, pairs, batch_size=4, max_length=256)
     assert results["answer_accuracy"] == 0.5
 
@@ -101,11 +101,11 @@ def test_dpop_eval_errors_are_one_line_without_traceback(argv, message, tiny_mod
 
 
 def _count_reference_calls(monkeypatch) -> list:
-    import dpop.reference
+    import dpop.scoring.reference
 
     calls = []
-    real_call = dpop.reference.LiveReference.__call__
-    monkeypatch.setattr(dpop.reference.LiveReference, "__call__",
+    real_call = dpop.scoring.reference.LiveReference.__call__
+    monkeypatch.setattr(dpop.scoring.reference.LiveReference, "__call__",
                         lambda self, batch, indices: calls.append(tuple(indices)) or real_call(self, batch, indices))
     return calls
 
@@ -157,7 +157,7 @@ def test_generation_stops_a_row_once_it_says_so(tiny):
         seen.append(text)
         return len(seen) > 2 * 2  # both rows done at the third new token
 
-    dpop.generate.generate_texts(model, tokenizer, prompts, max_new_tokens=12, progress=False,
+    dpop.evaluation.generate.generate_texts(model, tokenizer, prompts, max_new_tokens=12, progress=False,
                                  stop_when=after_three_tokens)
     assert len(seen) == 2 * 3  # asked after each of 3 tokens for each row, then generation ended
 
@@ -172,7 +172,7 @@ def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
         for parameter in model.parameters():
             parameter.normal_(std=0.5) if parameter.dim() > 1 else None
     prompts = ["What is 2 + 3?", "Seven times six, please: what is it?", "1 + 1?", "Add 12 and 30 and 5, then say it."]
-    encoded = [dpop.generate.prompt_ids(tokenizer, p) for p in prompts]
+    encoded = [dpop.evaluation.generate.prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
@@ -183,7 +183,7 @@ def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
     hook = model.register_forward_hook(lambda module, args, kwargs, out: rows_per_call.append(kwargs["input_ids"].shape[0]),
                                        with_kwargs=True)
     try:
-        new = dpop.generate.greedy_ids(model, input_ids, attention_mask, max_new_tokens=10,
+        new = dpop.evaluation.generate.greedy_ids(model, input_ids, attention_mask, max_new_tokens=10,
                                        eos_token_id=tokenizer.eos_token_id, done=done)
     finally:
         hook.remove()
@@ -205,13 +205,13 @@ def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
 
 def test_greedy_decoding_reports_each_finished_row_once(tiny):
     model, tokenizer = tiny
-    input_ids = torch.tensor([dpop.generate.prompt_ids(tokenizer, "What is 2 + 3?")] * 3)
+    input_ids = torch.tensor([dpop.evaluation.generate.prompt_ids(tokenizer, "What is 2 + 3?")] * 3)
     finished = []
-    new = dpop.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=4,
+    new = dpop.evaluation.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=4,
                                    eos_token_id=None, done=lambda ids: len(ids) >= 2, on_finished=finished.append)
     assert [len(ids) for ids in new] == [2, 2, 2] and finished == [3]
     finished.clear()
-    assert dpop.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=0,
+    assert dpop.evaluation.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=0,
                                     eos_token_id=None, on_finished=finished.append) == [[], [], []]
     assert finished == [3]
 
@@ -219,15 +219,15 @@ def test_greedy_decoding_reports_each_finished_row_once(tiny):
 def test_generation_renders_a_plain_text_prompt_exactly_as_training_tokenized_it(tiny):
     """A plain-text pair prompt is trained on as raw text; answer accuracy and `dpop generate --data` must
     continue that same text, not the prompt wrapped in the chat template (which the model never saw)."""
-    from dpop.data.rows import PreferencePair
+    from dpop.data.pairs import PreferencePair
     from dpop.data.tokenize import tokenize_pair
 
     _, tokenizer = tiny
     assert tokenizer.chat_template  # the trap needs a tokenizer that has a template
     pair = PreferencePair(prompt="Tom has 12 apples. How many? ", chosen="12.", rejected="13.", source="t:1")
     trained = list(tokenize_pair(pair, tokenizer).prompt_ids)
-    assert dpop.generate.prompt_ids(tokenizer, pair.prompt) == trained
-    typed = dpop.generate.prompt_ids(tokenizer, pair.prompt, as_user_turn=True)  # `dpop generate --prompt TEXT`
+    assert dpop.evaluation.generate.prompt_ids(tokenizer, pair.prompt) == trained
+    typed = dpop.evaluation.generate.prompt_ids(tokenizer, pair.prompt, as_user_turn=True)  # `dpop generate --prompt TEXT`
     assert typed != trained and tokenizer.decode(typed).startswith("<|im_start|>user")
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from dpop.analysis.landscape import draw_landscape, landscape_grid, ratio_loss, ratio_loss_gradient
 from dpop.errors import ConfigError
-from dpop.landscape import draw_landscape, landscape_grid, ratio_loss, ratio_loss_gradient
 
 
 def autograd_gradient(loss, x1, x2, beta, dpop_lambda):
@@ -101,7 +101,7 @@ def test_bad_arguments_are_config_errors(tmp_path):
 
 
 def test_importing_the_modules_does_nothing():
-    code = ("import sys, dpop.landscape, dpop.report, dpop.report_plots, dpop.bt; "
+    code = ("import sys, dpop.analysis.landscape, dpop.reporting.report, dpop.reporting.plots, dpop.analysis.bt; "
             "print('matplotlib' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

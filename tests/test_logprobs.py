@@ -10,11 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from dpop.batching import collate
-from dpop.textdiff import first_difference
+from dpop.data.textdiff import first_difference
 from dpop.data.tokenize import TokenizedPair
-from dpop.logprobs import sequence_logps
-from dpop.models import make_tiny_model, make_tiny_tokenizer
+from dpop.models.tiny import make_tiny_model, make_tiny_tokenizer
+from dpop.scoring.batching import collate
+from dpop.scoring.logprobs import sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_the_divergent_token_mean_starts_after_the_first_differing_token(tiny):
     """Pinned by hand: chosen [a b c d], rejected [a X c d] differ at position 1; the Figure 4 quantity averages
     positions 2 and 3 (c, d), the shared prefix is position 0 (a), and the differing token b is in neither."""
     from dpop.data.tokenize import TokenizedPair
-    from dpop.logprobs import reduce_token_logps
+    from dpop.scoring.logprobs import reduce_token_logps
 
     pair = TokenizedPair(prompt_ids=(5, 6), chosen_ids=(7, 8, 9, 10), rejected_ids=(7, 11, 9, 10))
     batch = collate([pair], layout="plain", pad_id=0)
@@ -131,7 +131,7 @@ def test_log_softmax_runs_in_fp32_under_bf16_autocast(tiny):
 
 _MEMORY_PROBE = textwrap.dedent("""
     import json, resource, sys, torch
-    from dpop.logprobs import token_logps_chunked
+    from dpop.scoring.logprobs import token_logps_chunked
     mode, tokens, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.manual_seed(0)
     head = torch.nn.Linear(64, vocab, bias=False)
@@ -180,10 +180,10 @@ def test_chunked_peak_memory_stays_bounded():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_linear_head_matches_log_softmax_with_gradients(autocast, sub_rows, monkeypatch):
     """The hand-written backward of the fused head equals autograd through log_softmax + gather."""
-    import dpop.logprobs
-    from dpop.logprobs import _fused_head, token_logps_chunked
+    import dpop.scoring.logprobs
+    from dpop.scoring.logprobs import _fused_head, token_logps_chunked
 
-    monkeypatch.setattr(dpop.logprobs, "_SUB_ROWS", sub_rows)
+    monkeypatch.setattr(dpop.scoring.logprobs, "_SUB_ROWS", sub_rows)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(37, 16, requires_grad=True)
@@ -208,7 +208,7 @@ def test_fused_linear_head_matches_log_softmax_with_gradients(autocast, sub_rows
 
 
 def test_heads_with_an_output_transform_take_the_generic_path():
-    from dpop.logprobs import _fused_head
+    from dpop.scoring.logprobs import _fused_head
 
     class Softcapped:
         final_logit_softcapping = 30.0

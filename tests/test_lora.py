@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dpop.train
+import dpop.training.loop
+import dpop.training.setup
 from dpop.cli import main
 from dpop.errors import ConfigError
 from dpop.models import load_model
-from dpop.train import setup, train
+from dpop.training.loop import train
+from dpop.training.setup import setup
 
 
 def metric_rows(config) -> list[dict]:
@@ -55,10 +57,10 @@ def test_the_lora_reference_is_the_policy_itself_not_a_copy(tiny_config, tiny_mo
 
 def test_precompute_reads_the_reference_with_the_adapters_off(tiny_config, tiny_model_dir, monkeypatch):
     """Adapters made non-zero before the reference pass: the cached reference must still be the base model's."""
-    from dpop.pipeline import make_batch
-    from dpop.reference import LiveReference
+    from dpop.scoring.batching import make_batch
+    from dpop.scoring.reference import LiveReference
 
-    add_lora = dpop.train._add_lora
+    add_lora = dpop.training.setup._add_lora
 
     def add_perturbed_lora(model, config):
         model = add_lora(model, config)
@@ -69,7 +71,7 @@ def test_precompute_reads_the_reference_with_the_adapters_off(tiny_config, tiny_
                     param.normal_(0.0, 0.5)
         return model
 
-    monkeypatch.setattr(dpop.train, "_add_lora", add_perturbed_lora)
+    monkeypatch.setattr(dpop.training.setup, "_add_lora", add_perturbed_lora)
     run = setup(tiny_config(lora_r=4, ref_strategy="precompute"))
     indices = (~torch.isnan(run.reference.chosen)).nonzero().flatten()[:4].tolist()  # pairs the pass covered
     assert indices

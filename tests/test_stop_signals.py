@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from test_crash_resume import record_steps, start_child
 
-import dpop.train
+import dpop.training.loop
 from dpop.cli import main
 
 
@@ -33,7 +33,7 @@ def assert_bit_equal(a: dict, b: dict) -> None:
 
 def signal_during_step(monkeypatch, number: int, signum: int, times: int = 1) -> None:
     """Deliver `signum` to this process `times` times just as step `number` begins."""
-    real_step = dpop.train.train_step
+    real_step = dpop.training.loop.train_step
 
     def signalling(run, batches):
         if run.state.step + 1 == number:
@@ -41,7 +41,7 @@ def signal_during_step(monkeypatch, number: int, signum: int, times: int = 1) ->
                 signal.raise_signal(signum)
         return real_step(run, batches)
 
-    monkeypatch.setattr(dpop.train, "train_step", signalling)
+    monkeypatch.setattr(dpop.training.loop, "train_step", signalling)
 
 
 def resume_command(stdout: str) -> list[str]:
@@ -104,8 +104,8 @@ def test_sigterm_from_outside_stops_a_cli_process_with_exit_0(tiny_model_dir, pa
 
 def test_train_called_from_python_raises_run_stopped(tiny_config, monkeypatch):
     """A caller that would go on to use final/ (the demo's SFT stage) must not carry on as if the run were done."""
-    from dpop.stopping import RunStopped
-    from dpop.train import train
+    from dpop.training.loop import train
+    from dpop.training.stopping import RunStopped
 
     signal_during_step(monkeypatch, 1, signal.SIGTERM)
     config = tiny_config(max_steps=3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpop.textdiff import first_difference, normalized_edit_distance
+from dpop.data.textdiff import first_difference, normalized_edit_distance
 
 
 @pytest.mark.parametrize(

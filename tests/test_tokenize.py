@@ -6,7 +6,7 @@ import pytest
 
 from dpop.data.tokenize import tokenize_pair, tokenize_pairs, truncate_pair
 from dpop.errors import ConfigError
-from dpop.models import make_tiny_tokenizer
+from dpop.models.tiny import make_tiny_tokenizer
 
 
 @dataclass
@@ -77,7 +77,8 @@ def test_chat_template_prompt_and_response(tokenizer):
 
 def test_builtin_tokenizer_boundary_and_template():
     """The real SmolLM2 tokenizer (from the cache `make` builds): a space-ending prompt and the template."""
-    from dpop.models import BUILTIN_NAME, load_tokenizer, resolve_model
+    from dpop.models import load_tokenizer, resolve_model
+    from dpop.models.builtin import BUILTIN_NAME
 
     tokenizer = load_tokenizer(resolve_model(BUILTIN_NAME))
     prompt = "Q: What is 2 + 3?\nA: The answer is "

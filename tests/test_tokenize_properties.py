@@ -9,12 +9,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpop.batching import LAYOUTS, collate
 from dpop.data import pairs_from_rows
 from dpop.data.tokenize import tokenize_pairs
 from dpop.errors import DpopError
-from dpop.logprobs import sequence_logps
-from dpop.models import make_tiny_model, make_tiny_tokenizer
+from dpop.models.tiny import make_tiny_model, make_tiny_tokenizer
+from dpop.scoring.batching import LAYOUTS, collate
+from dpop.scoring.logprobs import sequence_logps
 
 SPECIAL = ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<s>", "\n\nHuman:", "\n\nAssistant:", " ", "\n", "\x00",
            "\u200b", "\ufeff", "🙂", "é", "the answer", " 5", "\ud800"]  # the last: a lone surrogate

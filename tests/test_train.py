@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpop.config import make_config, read_yaml
+from dpop.config import make_config
+from dpop.config.flags import read_yaml
 from dpop.errors import ConfigError
-from dpop.metrics import ALL_KEYS, EXTRA_PAIR_KEYS
-from dpop.train import train
+from dpop.scoring.metrics import ALL_KEYS, EXTRA_PAIR_KEYS
+from dpop.training.loop import train
 
 
 def metrics_rows(run_dir, split="train"):
@@ -105,7 +106,7 @@ def test_rmsprop_cosine_warmup_schedule(tiny_config):
 
 
 def test_lr_factor_schedules():
-    from dpop.train import lr_factor
+    from dpop.training.setup import lr_factor
 
     linear = [lr_factor(s, schedule="linear", warmup_steps=3, total_steps=7) for s in range(8)]
     assert linear == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0])
@@ -124,15 +125,15 @@ def test_epochs_decide_the_steps_when_max_steps_is_unset(tiny_config):
 def test_one_epoch_sees_each_pair_once_when_grad_accum_does_not_divide_it(tiny_config, monkeypatch):
     """16 pairs, batch 4 x grad_accum 3, epochs 1: steps of 3 and 1 micro-batches, 16 pairs seen (it used to
     take 2 full steps, 24 pairs, the second mixing two epochs)."""
-    import dpop.train
+    import dpop.training.loop
 
-    seen, real_step = [], dpop.train.train_step
+    seen, real_step = [], dpop.training.loop.train_step
 
     def recording(run, batches):
         seen.append([(micro.epoch, tuple(micro.pair_indices)) for micro in batches])
         return real_step(run, batches)
 
-    monkeypatch.setattr(dpop.train, "train_step", recording)
+    monkeypatch.setattr(dpop.training.loop, "train_step", recording)
     summary = train(tiny_config(max_steps=None, epochs=1.0, batch_size=4, grad_accum=3))
     assert summary["steps"] == 2 and summary["pairs_seen"] == 16
     assert [len(step) for step in seen] == [3, 1] and {epoch for step in seen for epoch, _ in step} == {0}
@@ -174,16 +175,16 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_config):
 
 
 def test_eval_rows_are_prefixed_and_use_a_larger_batch(tiny_config, eval_pairs_file, monkeypatch):
-    import dpop.evaluate
+    import dpop.evaluation.evaluate
 
     sizes = []
-    original = dpop.evaluate.ordered_batches
+    original = dpop.scoring.pairs.ordered_batches
 
     def spy(pairs, batch_size, **layout):
         sizes.append(batch_size)
         return original(pairs, batch_size, **layout)
 
-    monkeypatch.setattr(dpop.evaluate, "ordered_batches", spy)
+    monkeypatch.setattr(dpop.scoring.pairs, "ordered_batches", spy)
     config = tiny_config(eval_data=str(eval_pairs_file), eval_every=2, max_steps=4)
     summary = train(config)
     rows = metrics_rows(Path(config.output_dir), split="eval")
@@ -218,7 +219,7 @@ def test_layouts_and_gradient_checkpointing_take_the_same_steps(tiny_config):
 @pytest.mark.slow
 def test_builtin_model_starts_at_zero_reward(tmp_path, monkeypatch):
     """The real smollm2-135m on a few builtin-task pairs, at the machine's default precision."""
-    from dpop.models import prepare_builtin
+    from dpop.models.builtin import prepare_builtin
 
     model_dir = prepare_builtin()  # the cache `make` filled; then a private cache for the reference pass
     monkeypatch.setenv("DPOP_CACHE", str(tmp_path / "cache"))

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from dpop.logprobs import SequenceLogps
-from dpop.metrics import (ALL_KEYS, PAIR_KEYS, FailureModeWatch, MetricsLog, PairStats, pair_accuracy, record_pairs,
-                          summarize_pairs, tracker_values)
+from dpop.scoring.logprobs import SequenceLogps
+from dpop.scoring.metrics import ALL_KEYS, PAIR_KEYS, PairStats, pair_accuracy, record_pairs, summarize_pairs
+from dpop.training.monitor import FailureModeWatch, MetricsLog, tracker_values
 
 
 def policy(chosen, rejected):

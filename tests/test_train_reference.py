@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from accelerate.tracking import GeneralTracker
 
-import dpop.train
+import dpop.training.loop
+import dpop.training.setup
 from dpop.errors import ConfigError
-from dpop.reference import LiveReference
-from dpop.train import train
+from dpop.scoring.reference import LiveReference
+from dpop.training.loop import train
 
 
 def first_row(config):
@@ -124,9 +125,10 @@ def test_the_logged_sft_loss_is_the_one_optimised_the_nll_per_chosen_token_of_th
     weights, the loss whose gradient the step takes; the mean of per-pair per-token NLLs would differ."""
     import torch
 
-    from dpop.logprobs import sequence_logps
+    from dpop.data.runs import load_run_pairs, tokenize_run_pairs
     from dpop.models import load_model
-    from dpop.pipeline import load_run_pairs, make_batch, tokenize_run_pairs
+    from dpop.scoring.batching import make_batch
+    from dpop.scoring.logprobs import sequence_logps
 
     config = tiny_config("sft-loss", loss="sft", max_steps=1, batch_size=16, grad_accum=1)
     train(config)
@@ -144,7 +146,7 @@ def test_the_logged_sft_loss_is_the_one_optimised_the_nll_per_chosen_token_of_th
 
 
 def test_a_reference_with_another_tokenizer_is_refused(tiny_config, tmp_path):
-    from dpop.models import make_tiny_model, make_tiny_tokenizer
+    from dpop.models.tiny import make_tiny_model, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer(vocab_size=300)
     other = tmp_path / "other"
@@ -176,10 +178,10 @@ class RecordingTracker(GeneralTracker):
 
 
 def test_trackers_get_the_metrics_rows(tiny_config, eval_pairs_file, monkeypatch):
-    from dpop.metrics import ALL_KEYS
+    from dpop.scoring.metrics import ALL_KEYS
 
     tracker = RecordingTracker()
-    monkeypatch.setattr(dpop.train, "_trackers", lambda config: [tracker])
+    monkeypatch.setattr(dpop.training.setup, "_trackers", lambda config: [tracker])
     config = tiny_config(max_steps=2, eval_data=str(eval_pairs_file))
     train(config)
     assert tracker.config["beta"] == 0.3

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dpop.train
+import dpop.training.loop
 from dpop.errors import ConfigError
-from dpop.train import train
+from dpop.training.loop import train
 
 
 def final_weights(config):
@@ -29,13 +29,13 @@ def steps_logged(config):
 
 def count_steps(monkeypatch) -> list:
     """Record the step index of every train_step call from now on."""
-    calls, real_step = [], dpop.train.train_step
+    calls, real_step = [], dpop.training.loop.train_step
 
     def counting(run, batches):
         calls.append(run.state.step + 1)
         return real_step(run, batches)
 
-    monkeypatch.setattr(dpop.train, "train_step", counting)
+    monkeypatch.setattr(dpop.training.loop, "train_step", counting)
     return calls
 
 
@@ -51,17 +51,17 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_config, eval_pai
     train(uninterrupted)
 
     crashing = tiny_config("crashed", **common)
-    real_step = dpop.train.train_step
+    real_step = dpop.training.loop.train_step
 
     def dies_in_step_3(run, batches):
         if run.state.step == 2:
             raise KeyboardInterrupt
         return real_step(run, batches)
 
-    monkeypatch.setattr(dpop.train, "train_step", dies_in_step_3)
+    monkeypatch.setattr(dpop.training.loop, "train_step", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(crashing)
-    monkeypatch.setattr(dpop.train, "train_step", real_step)
+    monkeypatch.setattr(dpop.training.loop, "train_step", real_step)
     assert not (Path(crashing.output_dir) / "final").exists()
     assert steps_logged(crashing)[-1] == ("eval", 2)
 

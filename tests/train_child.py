@@ -25,7 +25,7 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as in the tests' own process, so that both compute bit-identical sums
 
-    import dpop.train
+    import dpop.training.loop
     from dpop.cli import main as dpop_main
 
     spec = json.loads(sys.argv[1])
@@ -39,7 +39,7 @@ def main() -> int:
         while release is None or not release.exists():
             time.sleep(0.02)
 
-    real_step, real_micro = dpop.train.train_step, dpop.train._micro_batch_loss
+    real_step, real_micro = dpop.training.loop.train_step, dpop.training.loop._micro_batch_loss
 
     def train_step(run, batches):
         current["step"], current["micro"] = run.state.step + 1, 0
@@ -63,7 +63,7 @@ def main() -> int:
             wait_here()
         return real_replace(source, target, *args, **kwargs)
 
-    dpop.train.train_step, dpop.train._micro_batch_loss, os.replace = train_step, micro_batch_loss, replace
+    dpop.training.loop.train_step, dpop.training.loop._micro_batch_loss, os.replace = train_step, micro_batch_loss, replace
     return dpop_main(spec["argv"])
 
 

@@ -111,7 +111,7 @@ def _add_generate_command(sub) -> None:
 
 
 def _add_training_commands(sub) -> None:
-    from dpop.config import SFT_DEFAULTS, add_config_arguments
+    from dpop.config.flags import SFT_DEFAULTS, add_config_arguments
 
     train = sub.add_parser("train", help="Preference training (default loss dpop).",
                            description="Preference training on pairs (default loss dpop). Every option is also a "
@@ -235,7 +235,7 @@ def _run_data_doctor(args) -> int:
 
 
 def _run_models_fetch(args) -> int:
-    from dpop.models import BUILTINS, prepare_builtin
+    from dpop.models.builtin import BUILTINS, prepare_builtin
 
     if args.name not in BUILTINS:
         raise DpopError(f"unknown builtin model '{args.name}'; builtin models: {', '.join(BUILTINS)}")
@@ -252,34 +252,34 @@ def _run_demo(args) -> int:
 
 
 def _run_report(args) -> int:
-    from dpop.report import build_report
+    from dpop.reporting.report import build_report
 
     print(f"wrote {build_report(args.run_dirs, args.out, title=args.title)}")
     return 0
 
 
 def _run_landscape(args) -> int:
-    from dpop.landscape import draw_landscape
+    from dpop.analysis.landscape import draw_landscape
 
     print(f"wrote {draw_landscape(args.loss, args.out, beta=args.beta, dpop_lambda=args.dpop_lambda)}")
     return 0
 
 
 def _run_bt_fit(args) -> int:
-    from dpop.bt import fit_table
+    from dpop.analysis.bt import fit_table
 
     print(fit_table(args.table, prior_sd=args.prior_sd))
     return 0
 
 
 def _run_eval(args) -> int:
-    from dpop.evaluate import run_eval
+    from dpop.evaluation.evaluate import run_eval
 
     return run_eval(args)
 
 
 def _run_generate(args) -> int:
-    from dpop.generate import run_generate
+    from dpop.evaluation.generate import run_generate
 
     return run_generate(args)
 
@@ -292,20 +292,20 @@ def _train_or_relaunch(args, config) -> int:
     if code is not None:
         return code
     distributed.prepare_worker()
-    from dpop.train import train
+    from dpop.training.loop import train
 
     train(config)
     return 0
 
 
 def _run_train(args) -> int:
-    from dpop.config import config_from_args
+    from dpop.config.flags import config_from_args
 
     return _train_or_relaunch(args, config_from_args(args))
 
 
 def _run_sft(args) -> int:
-    from dpop.config import SFT_DEFAULTS, config_from_args
+    from dpop.config.flags import SFT_DEFAULTS, config_from_args
 
     return _train_or_relaunch(args, config_from_args(args, command_defaults=SFT_DEFAULTS))
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args) -> int:
-    from dpop.stopping import RunStopped  # stdlib only: signal handling
+    from dpop.training.stopping import RunStopped  # stdlib only: signal handling
 
     try:
         return int(args.run(args) or 0)

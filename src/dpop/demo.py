@@ -12,8 +12,8 @@ summary.json, report.html with plots and a reading of the numbers, and a table i
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -83,7 +83,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
              plan: DemoPlan | None = None) -> dict:
     """Run every stage; returns the summary also written to OUT/summary.json. `model` and `plan` exist for
     tests (a tiny model, a few steps); the demo itself is the builtin model with QUICK or FULL."""
-    from dpop.train import train
+    from dpop.training.loop import train
 
     plan = plan or (QUICK if quick else FULL)
     out = Path(out_dir)
@@ -117,7 +117,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     summary["meta"] = {"quick": quick, "seed": seed, "plan": plan.__dict__ | {"cases": list(plan.cases)},
                        "minutes": round((time.perf_counter() - started) / 60, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    from dpop.demo_report import write_demo_report
+    from dpop.reporting.demo_report import write_demo_report
 
     report = write_demo_report(out, summary, runs)
     print(format_table(summary))
@@ -127,7 +127,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
 
 def _evaluate_all(out: Path, plan: DemoPlan, files: dict, sft_model: str, runs: dict) -> dict:
     from dpop.data import load_pairs
-    from dpop.evaluate import evaluate_model
+    from dpop.evaluation.evaluate import evaluate_model
     from dpop.models import load_model
 
     reference, tokenizer = load_model(sft_model)
@@ -163,7 +163,7 @@ def _summary_entry(metrics: dict) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    from dpop.report import wilson_interval
+    from dpop.reporting.report import wilson_interval
 
     header = f"{'case':<10}{'model':<6}{'answer acc (95% CI)':<28}{'pair acc':>9}{'chosen Δ':>10}{'margin':>9}{'div. logp':>11}"
     lines = ["", header, "-" * len(header)]

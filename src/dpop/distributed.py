@@ -156,7 +156,7 @@ def check_resume_processes(config, processes: int) -> None:
     checkpoint's per-process RNG states depend on it."""
     from pathlib import Path
 
-    from dpop.config import read_yaml
+    from dpop.config.flags import read_yaml
 
     saved_path = Path(config.output_dir) / "config.yaml"
     if not saved_path.is_file():
@@ -208,35 +208,15 @@ def all_slices(indices: list[int], world: int) -> list[list[int]]:
     return [process_slice(indices, rank, world) for rank in range(world)]
 
 
-class PolicyScorer(torch.nn.Module):
-    """dpop.logprobs.sequence_logps as a module's forward: what accelerate.prepare wraps. The log-prob routine
-    calls the decoder stack and the lm head directly, so wrapping the causal LM itself would bypass the engine
-    (DDP's gradient hooks, FSDP's parameter gathering); through this module's forward they see every call."""
-
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int):
-        super().__init__()
-        self.model = model
-        self.chunk_tokens = chunk_tokens
-        # FSDP's transformer auto-wrap reads the wrapped module's _no_split_modules (the decoder layer class)
-        self._no_split_modules = getattr(model, "_no_split_modules", None)
-
-    def forward(self, batch):
-        from dpop.logprobs import sequence_logps
-
-        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
-
-
 # --- collectives ----------------------------------------------------------------------------------------
 
 def gather_step(stats, tokens: int, processes):
     """(every process's per-pair stats, total input tokens) of one step, on every process; processes in order."""
     from accelerate.utils import gather_object
 
-    from dpop.metrics import PairStats
-
     if processes.num_processes == 1:
         return stats, tokens
-    merged = PairStats()
+    merged = type(stats)()  # a dpop.scoring.metrics.PairStats
     everyone = gather_object([(stats.parts, tokens)])
     for parts, _ in everyone:
         for name, pieces in parts.items():

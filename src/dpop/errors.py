@@ -29,4 +29,4 @@ class ModelError(DpopError):
 
 
 class TrainingError(DpopError):
-    """A run that cannot go on: its loss or gradient kept being non-finite (see dpop.stopping)."""
+    """A run that cannot go on: its loss or gradient kept being non-finite (see dpop.training.stopping)."""

@@ -5,7 +5,7 @@
   optimizer updates the fp32 weights. An update smaller than half a bf16 step changes no rounded value, so
   on weights that lie on the bf16 grid (the builtin model, any model published in bf16) the first tens of
   steps at fine-tuning learning rates change nothing the model computes: a dead zone, which
-  `precision/update_ratio` shows and a warning names (dpop.metrics.DeadZoneWatch).
+  `precision/update_ratio` shows and a warning names (dpop.training.monitor.DeadZoneWatch).
 - `bf16-sr`: bf16 autocast as above, over fp32 weights that each carry a fixed random offset d within ±½ of
   their bf16 step (added once, at the start of the run, as an integer on the weight's bits). Rounding
   w + d to the nearest bf16 value is rounding w up with probability (w − the bf16 value below) / step:

@@ -4,6 +4,7 @@
 the pairs; `tokenize` turns pairs into token ids.
 """
 
-from dpop.data.rows import LoadedPairs, Message, PreferencePair, load_pairs, pairs_from_rows
+from dpop.data.pairs import LoadedPairs, Message, PreferencePair
+from dpop.data.rows import load_pairs, pairs_from_rows
 
 __all__ = ["LoadedPairs", "Message", "PreferencePair", "load_pairs", "pairs_from_rows"]

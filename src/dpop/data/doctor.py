@@ -48,8 +48,8 @@ def examine(path, *, tokenizer=None, columns=None, split=None, max_length: int =
             max_prompt_length: int = 512) -> DoctorReport:
     """Load and validate `path` (raises DataError listing bad rows) and measure it."""
     from dpop.data import load_pairs
+    from dpop.data.textdiff import normalized_edit_distance
     from dpop.data.tokenize import tokenize_pair, truncate_pair
-    from dpop.textdiff import normalized_edit_distance
 
     loaded = load_pairs(path, columns=columns, split=split)
     pairs = loaded.pairs

@@ -28,11 +28,28 @@ import torch
 from dpop.errors import ConfigError
 from dpop.losses._common import LossOutput, Tensor
 from dpop.losses.options import OPTIONS, check_option
-from dpop.losses.reference_based import (cdpo_loss, dpo_loss, dpop_loss, dpop_penalty, hinge_loss, ipo_loss,
-                                         robust_loss, rpo_loss, sigmoid_norm_loss)
+from dpop.losses.reference_based import (
+    cdpo_loss,
+    dpo_loss,
+    dpop_loss,
+    dpop_penalty,
+    hinge_loss,
+    ipo_loss,
+    robust_loss,
+    rpo_loss,
+    sigmoid_norm_loss,
+)
 from dpop.losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
-from dpop.losses.trl_pairwise import (aot_loss, apo_down_loss, apo_zero_loss, bco_pair_loss, discopop_loss,
-                                      exo_pair_loss, nca_pair_loss, sppo_hard_loss)
+from dpop.losses.trl_pairwise import (
+    aot_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    discopop_loss,
+    exo_pair_loss,
+    nca_pair_loss,
+    sppo_hard_loss,
+)
 
 __all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss",
            "loss_option_defaults", "loss_options", "preference_loss", "sequence_loss"]
@@ -202,7 +219,7 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
 
 def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, float] | None = None):
     """preference_loss on scored sequences: `policy` and `ref` carry .chosen and .rejected log-prob sums (B,)
-    (dpop.logprobs.SequenceLogps, dpop.reference.RefLogps); `policy` also the token counts; `ref` may be None
+    (dpop.scoring.logprobs.SequenceLogps, dpop.scoring.reference.RefLogps); `policy` also the token counts; `ref` may be None
     for a reference-free loss."""
     return preference_loss(name, policy.chosen, policy.rejected, ref.chosen if ref is not None else None,
                            ref.rejected if ref is not None else None, beta=beta, chosen_lengths=policy.chosen_lengths,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from dpop.report import Run, run_series
+from dpop.reporting.report import Run, run_series
 
 DPI = 110
 SMOOTH_MIN_POINTS = 30

@@ -84,7 +84,7 @@ def run_stopped(signal_name: str, step: int, total_steps: int, checkpoint: Path,
 def non_finite_error(step: int, streak: int, config, run_dir: Path) -> TrainingError:
     """The error that stops a run after `streak` non-finite steps in a row ending at `step`; the last good
     checkpoint is the newest written before the streak."""
-    from dpop.checkpoint import list_checkpoints
+    from dpop.training.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
     first = step - streak + 1

@@ -18,11 +18,11 @@ gathered, the main process writes the cache, and every process uses the main pro
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from dpop.batching import PairBatch
-from dpop.logprobs import sequence_logps
-from dpop.pipeline import make_batch, micro_batches, ordered_batches, pair_lengths
+from dpop.data.order import micro_batches, pair_lengths
 from dpop.precision import dither_like_policy, prepare_model
+from dpop.scoring.batching import PairBatch, make_batch, ordered_batches
+from dpop.scoring.logprobs import SequenceLogps, sequence_logps
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 def model_fingerprint(path: Path) -> str:
     """sha256 over a model's config and weight files (memoised by path, size and mtime)."""
-    from dpop.models import cache_root, sha256_file
+    from dpop.models.builtin import cache_root, sha256_file
 
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
@@ -277,6 +277,33 @@ def cache_key(*, model_fingerprint: str, pairs_fingerprint: str, schedule: dict)
 
 
 def cache_path_for(key: str) -> Path:
-    from dpop.models import cache_root
+    from dpop.models.builtin import cache_root
 
     return cache_root() / "reference" / f"{key}.safetensors"
+
+
+class OwnReference:
+    """score_pairs' reference when the scored model is the reference model itself (the demo's SFT row):
+    the policy's own log-probs, which are the same computation, so the model runs once per batch. Each
+    batch's values are kept in `memo` under its pair indices, as `_memoized` keeps them, so models scored
+    later against this one with the same memo reuse them."""
+
+    def __init__(self, memo: dict):
+        self.memo = memo
+
+    def record(self, indices, policy: SequenceLogps):
+        from dpop.scoring.reference import RefLogps
+
+        ref = RefLogps(policy.chosen.detach().float(), policy.rejected.detach().float())
+        self.memo[tuple(indices)] = ref
+        return ref
+
+
+def _memoized(reference, memo: dict):
+    def lookup(batch, indices):
+        key = tuple(indices)
+        if key not in memo:
+            memo[key] = reference(batch, indices)
+        return memo[key]
+
+    return lookup

@@ -4,7 +4,7 @@ Each run directory holds `metrics.jsonl` (DESIGN.md §6: one JSON object per log
 with `"split": "train"`, eval rows with `"split": "eval"` and keys prefixed `eval/`), and optionally
 `config.yaml` (its `loss` names the run in legends; else the directory name) and `summary.json`.
 
-Plots go to OUT/plots/*.png (see PLOTS in dpop.report_plots), the page to OUT/report.html with every
+Plots go to OUT/plots/*.png (see PLOTS in dpop.reporting.plots), the page to OUT/report.html with every
 image embedded as a base64 data URI and inline CSS, so the file can be mailed or archived alone.
 A plot whose keys no run logged is skipped (and listed as skipped); NaN, infinite, null and missing
 values are dropped point by point, never fatal.
@@ -218,9 +218,9 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def failure_mode_note(run: Run) -> str | None:
-    """DESIGN.md §6's failure-mode watch (dpop.metrics.FailureModeWatch), replayed over the logged
+    """DESIGN.md §6's failure-mode watch (dpop.training.monitor.FailureModeWatch), replayed over the logged
     train rows: chosen log-prob falling below the reference while margins rise. None when quiet."""
-    from dpop.metrics import FailureModeWatch
+    from dpop.training.monitor import FailureModeWatch
 
     watch = FailureModeWatch(run.loss_name or "")
     for row in run.train:
@@ -267,7 +267,7 @@ def build_report(
     out_dir None: the run directory itself for one run (DESIGN.md §2), else ./dpop-report.
     sections go before the final-value table and the plots, in order.
     """
-    from dpop.report_plots import render_plots
+    from dpop.reporting.plots import render_plots
 
     if not run_dirs:
         raise DpopError("dpop report needs at least one run directory")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dpop.batching import PairBatch
+from dpop.scoring.batching import PairBatch
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -185,3 +185,21 @@ def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_toke
         divergent_chosen_sum=divergent_sum, divergent_chosen_count=divergent_count,
         shared_prefix=shared_prefix, token_logps=token_logps if keep_tokens else None,
     )
+
+
+class PolicyScorer(torch.nn.Module):
+    """dpop.scoring.logprobs.sequence_logps as a module's forward: what accelerate.prepare wraps. The log-prob routine
+    calls the decoder stack and the lm head directly, so wrapping the causal LM itself would bypass the engine
+    (DDP's gradient hooks, FSDP's parameter gathering); through this module's forward they see every call."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        # FSDP's transformer auto-wrap reads the wrapped module's _no_split_modules (the decoder layer class)
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, batch):
+        from dpop.scoring.logprobs import sequence_logps
+
+        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)

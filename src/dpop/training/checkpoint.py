@@ -82,7 +82,8 @@ def make_run_dir(run_dir: Path) -> None:
 
 
 def _check_same_run(saved_path: Path, config) -> None:
-    from dpop.config import differences, make_config, read_yaml
+    from dpop.config import differences, make_config
+    from dpop.config.flags import read_yaml
 
     saved = make_config(read_yaml(saved_path), type(config))
     changed = differences(saved, config)

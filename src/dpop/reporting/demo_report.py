@@ -1,5 +1,5 @@
 """The demo's report: the accuracy table with 95% intervals, a reading written from the numbers, and the
-training plots of every dpo/dpop run (dpop.report draws those)."""
+training plots of every dpo/dpop run (dpop.reporting.report draws those)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import html
 import math
 from pathlib import Path
 
-from dpop.report import Section, build_report, load_metrics, wilson_interval
+from dpop.reporting.report import Section, build_report, load_metrics, wilson_interval
 
 NEAR_ZERO = -0.5  # nats: DPOP "holds" the chosen log-prob when its mean delta stays above this
 

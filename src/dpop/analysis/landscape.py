@@ -140,7 +140,7 @@ def draw_landscape(loss: str, out_path: str | Path, *, beta: float = 0.3, dpop_l
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from dpop.report import write_atomic
+    from dpop.reporting.report import write_atomic
 
     out_path = Path(out_path)
     suffix = out_path.suffix.lower().lstrip(".")

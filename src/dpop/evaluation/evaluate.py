@@ -16,84 +16,16 @@ Values that cannot be computed (no reference, no answer rows) are None.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 
-import torch
-
 from dpop.errors import ConfigError
-from dpop.logprobs import SequenceLogps, sequence_logps
-from dpop.metrics import PairStats, pair_accuracy, record_pairs, summarize_pairs
-from dpop.pipeline import ordered_batches
+from dpop.scoring.pairs import autocast_for, pair_metrics, score_pairs
+from dpop.scoring.reference import OwnReference, _memoized
 
 BUILTIN_EVAL_PROBLEMS = 200
-
-
-def pair_losses(loss: str | None, policy: SequenceLogps, ref, *, beta: float, options: dict):
-    """(losses, chosen_rewards, rejected_rewards, units), each (P,) or None, for one batch.
-
-    loss: a name registered in dpop.losses (units: what each pair counts for in the loss, LossSpec.units);
-    or None (no loss, the implicit rewards β·(log πθ − log πref) when a reference is given)."""
-    from dpop.losses import get_loss, sequence_loss
-
-    if loss is None:
-        if ref is None:
-            return None, None, None, None
-        return (None, beta * (policy.chosen.float() - ref.chosen), beta * (policy.rejected.float() - ref.rejected),
-                None)
-    losses, chosen_rewards, rejected_rewards = sequence_loss(loss, policy, ref, beta=beta, options=options)
-    return losses, chosen_rewards, rejected_rewards, get_loss(loss).units(policy.chosen_lengths)
-
-
-@torch.no_grad()
-def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, loss: str | None = None,
-                beta: float = 0.3, options: dict | None = None, chunk_tokens: int = 1024,
-                forward=None) -> PairStats:
-    """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None.
-    `forward(batch) -> SequenceLogps`: the scoring module a training engine wraps (dpop.distributed.PolicyScorer;
-    default: sequence_logps on `model`)."""
-    options = options or {}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    stats = PairStats()
-    try:
-        for batch, indices in ordered_batches(pairs, batch_size, **layout):
-            batch = batch.to(device)
-            with autocast():
-                policy = (forward(batch) if forward is not None else
-                          sequence_logps(model, batch, chunk_tokens=chunk_tokens))
-            if isinstance(reference, OwnReference):
-                ref = reference.record(indices, policy)
-            else:
-                ref = reference(batch, indices) if reference is not None else None
-            losses, chosen_rewards, rejected_rewards, units = pair_losses(loss, policy, ref, beta=beta,
-                                                                          options=options)
-            record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                         policy=policy, ref_chosen=ref.chosen if ref else None,
-                         ref_rejected=ref.rejected if ref else None, beta=beta,
-                         dpop_lambda=options.get("dpop_lambda", 0.0), units=units)
-    finally:
-        model.train(was_training)
-    return stats
-
-
-def pair_metrics(stats: PairStats) -> dict[str, float]:
-    """summarize_pairs plus pair_accuracy (NaN where a value does not exist)."""
-    return {**summarize_pairs(stats), "pair_accuracy": pair_accuracy(stats)}
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A no-argument factory of the autocast context for `precision` (fp32, bf16 or bf16-sr: scoring has no
-    optimizer, so bf16-sr computes as bf16 does)."""
-    from dpop.precision import uses_bf16
-
-    if uses_bf16(precision):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def _as_answer(value) -> int | None:
@@ -114,7 +46,7 @@ def answer_accuracy(model, tokenizer, pairs, *, batch_size: int, max_new_tokens:
     A row stops at EOS, at max_new_tokens, or once it has stated an answer ("The answer is 13." then a
     newline or space): what it states first is what is scored, and a batch is not held up by rows that
     keep talking after answering."""
-    from dpop.generate import generate_texts
+    from dpop.evaluation.generate import generate_texts
     from dpop.tasks.arithmetic import is_correct, states_answer
 
     answered = [(pair, _as_answer(pair.metadata.get("answer"))) for pair in pairs if pair.metadata]
@@ -148,7 +80,7 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     from dpop.data import pairs_from_rows
     from dpop.data.tokenize import tokenize_pairs
     from dpop.precision import prepare_model, scoring_weights
-    from dpop.reference import LiveReference
+    from dpop.scoring.reference import LiveReference
 
     pairs = list(pairs)
     if pairs and isinstance(pairs[0], dict):
@@ -189,33 +121,6 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     return results
 
 
-class OwnReference:
-    """score_pairs' reference when the scored model is the reference model itself (the demo's SFT row):
-    the policy's own log-probs, which are the same computation, so the model runs once per batch. Each
-    batch's values are kept in `memo` under its pair indices, as `_memoized` keeps them, so models scored
-    later against this one with the same memo reuse them."""
-
-    def __init__(self, memo: dict):
-        self.memo = memo
-
-    def record(self, indices, policy: SequenceLogps):
-        from dpop.reference import RefLogps
-
-        ref = RefLogps(policy.chosen.detach().float(), policy.rejected.detach().float())
-        self.memo[tuple(indices)] = ref
-        return ref
-
-
-def _memoized(reference, memo: dict):
-    def lookup(batch, indices):
-        key = tuple(indices)
-        if key not in memo:
-            memo[key] = reference(batch, indices)
-        return memo[key]
-
-    return lookup
-
-
 def _finite_or_none(value: float) -> float | None:
     return value if isinstance(value, float) and math.isfinite(value) else None
 
@@ -244,7 +149,7 @@ def run_eval(args) -> int:
     """`dpop eval`: validate the data, load the model(s), evaluate, print a table, optionally write JSON."""
     from dpop.config import resolve_precision
     from dpop.models import load_model
-    from dpop.reference import check_same_tokenizer
+    from dpop.scoring.reference import check_same_tokenizer
 
     _check_eval_args(args)
     pairs, description = _eval_pairs(args.data, args.columns)  # every row checked before a model is loaded

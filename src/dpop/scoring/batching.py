@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpop.data.textdiff import first_difference
 from dpop.data.tokenize import TokenizedPair
-from dpop.textdiff import first_difference
 
 LAYOUTS = ("plain", "shared", "packed")
 
@@ -165,3 +165,16 @@ def _block_mask(block_id: torch.Tensor, branch: torch.Tensor, position_ids: torc
     mask = causal & same_block & visible
     mask |= torch.eye(width, dtype=torch.bool)[None]
     return mask[:, None]
+
+
+def make_batch(pairs: list[TokenizedPair], indices, *, layout: str, pad_id: int, with_rejected: bool = True,
+               pack_length: int | None = None) -> PairBatch:
+    return collate([pairs[i] for i in indices], layout=layout, pad_id=pad_id, with_rejected=with_rejected,
+                   pack_length=pack_length)
+
+
+def ordered_batches(pairs: list[TokenizedPair], batch_size: int, **layout):
+    """Batches in file order (evaluation, and the reference pass of eval data)."""
+    for start in range(0, len(pairs), batch_size):
+        indices = list(range(start, min(start + batch_size, len(pairs))))
+        yield make_batch(pairs, indices, **layout), indices
