@@ -59,7 +59,7 @@ def test_a_damaged_last_checkpoint_is_skipped_for_the_previous_one(damage, tiny_
     (Path(run.output_dir) / "final").rename(tmp_path / "old-final")
 
     with pytest.warns(UserWarning, match=r"checkpoint .*step-3 cannot be loaded .*; trying the previous one") as caught:
-        summary = train(tiny_config("run", **COMMON, resume=True))
+        summary = train(tiny_config("run", **COMMON, resume=True)).summary
     (warning,) = [str(w.message) for w in caught if "cannot be loaded" in str(w.message)]
     assert "\n" not in warning and "weights_only` set to `False`" not in warning  # one line, no bad advice
     assert f"resumed from {checkpoints / 'step-2'}" in capsys.readouterr().out
@@ -75,7 +75,7 @@ def test_when_no_checkpoint_loads_the_run_says_so_and_starts_over(tiny_config, c
     train(run)
     cut_in_half(Path(run.output_dir) / "checkpoints" / "step-3" / "weights.safetensors")
     with pytest.warns(UserWarning, match="step-3 cannot be loaded"):
-        summary = train(tiny_config("run", **dict(COMMON, keep_checkpoints=1), resume=True))
+        summary = train(tiny_config("run", **dict(COMMON, keep_checkpoints=1), resume=True)).summary
     assert "has no loadable checkpoint; starting from step 0" in capsys.readouterr().out
     assert summary["steps"] == 3
     rows = [json.loads(line) for line in (Path(run.output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -90,8 +90,8 @@ def test_dpop_eval_prints_a_table_and_writes_json(tiny_model_dir, eval_pairs_fil
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--beta", "0"], "--beta: must be > 0"),
-    (["--max-length", "1"], "--max-length: must be >= 2"),
+    (["--beta", "0"], "beta: must be > 0.0"),
+    (["--max-length", "1"], "max_length: must be >= 2"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
 ])
 def test_dpop_eval_errors_are_one_line_without_traceback(argv, message, tiny_model_dir, capsys):

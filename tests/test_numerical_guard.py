@@ -60,7 +60,7 @@ def test_non_finite_steps_are_skipped_counted_and_not_checkpointed(where, tiny_c
     weights = make_steps_non_finite(monkeypatch, {2, 3}, where=where)
     config = tiny_config(max_steps=5, learning_rate=1e-3, save_every=1, keep_checkpoints=10, max_bad_steps=3,
                          log_every=5)
-    summary = train(config)
+    summary = train(config).summary
 
     assert summary["steps"] == 5 and summary["skipped_steps"] == 2
     assert same(weights[1], weights[2]) and same(weights[2], weights[3])  # no update, not even a partial one

@@ -200,7 +200,7 @@ def test_a_bf16_run_on_grid_weights_warns_of_the_dead_zone_and_bf16_sr_does_not(
     for precision in ("bf16", "bf16-sr"):
         config = tiny_config(precision, model=str(tmp_path / "grid"), precision=precision, max_steps=6,
                              learning_rate=1e-7, scheduler="constant")
-        summary = train(config)
+        summary = train(config).summary
         fired[precision] = summary["precision_watch_fired_at"]
         rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
         ratios = [row["precision/update_ratio"] for row in rows if row["split"] == "train"]

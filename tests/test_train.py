@@ -29,7 +29,7 @@ def test_three_steps_write_a_loadable_run_with_every_metric(tiny_config, tiny_mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = tiny_config(learning_rate=1e-3)
-    summary = train(config)
+    summary = train(config).summary
     run_dir = Path(config.output_dir)
 
     rows = metrics_rows(run_dir)
@@ -116,7 +116,7 @@ def test_lr_factor_schedules():
 
 def test_epochs_decide_the_steps_when_max_steps_is_unset(tiny_config):
     config = tiny_config(max_steps=None, epochs=1.0, batch_size=4, grad_accum=2, loss="simpo")
-    summary = train(config)
+    summary = train(config).summary
     rows = metrics_rows(Path(config.output_dir))
     assert summary["steps"] == 2 and rows[-1]["epoch"] == 1.0
     assert rows[0]["logps/ref_chosen"] is None  # reference-free: no reference pass, no reference log-probs
@@ -134,7 +134,7 @@ def test_one_epoch_sees_each_pair_once_when_grad_accum_does_not_divide_it(tiny_c
         return real_step(run, batches)
 
     monkeypatch.setattr(dpop.training.loop, "train_step", recording)
-    summary = train(tiny_config(max_steps=None, epochs=1.0, batch_size=4, grad_accum=3))
+    summary = train(tiny_config(max_steps=None, epochs=1.0, batch_size=4, grad_accum=3)).summary
     assert summary["steps"] == 2 and summary["pairs_seen"] == 16
     assert [len(step) for step in seen] == [3, 1] and {epoch for step in seen for epoch, _ in step} == {0}
     assert sorted(i for step in seen for _, pairs in step for i in pairs) == list(range(16))
@@ -186,7 +186,7 @@ def test_eval_rows_are_prefixed_and_use_a_larger_batch(tiny_config, eval_pairs_f
 
     monkeypatch.setattr(dpop.scoring.pairs, "ordered_batches", spy)
     config = tiny_config(eval_data=str(eval_pairs_file), eval_every=2, max_steps=4)
-    summary = train(config)
+    summary = train(config).summary
     rows = metrics_rows(Path(config.output_dir), split="eval")
     assert [row["step"] for row in rows] == [2, 4]
     assert sizes == [8, 8]  # 4 x the training batch of 2
@@ -225,7 +225,7 @@ def test_builtin_model_starts_at_zero_reward(tmp_path, monkeypatch):
     monkeypatch.setenv("DPOP_CACHE", str(tmp_path / "cache"))
     config = make_config(dict(model=str(model_dir), output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2,
                               task_pairs=8, max_length=384))
-    summary = train(config)
+    summary = train(config).summary
     first = metrics_rows(Path(config.output_dir))[0]
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen_delta"):
         assert abs(first[key]) <= 1e-6, (key, first[key])

@@ -106,7 +106,7 @@ def test_lora_trains_adapters_only_and_final_is_a_plain_model(tiny_config, tiny_
 
 def test_sft_then_preference_training_against_the_sft_model(tiny_config):
     sft = tiny_config("sft", loss="sft", learning_rate=1e-3, max_steps=2)
-    summary = train(sft)
+    summary = train(sft).summary
     sft_final = Path(sft.output_dir) / "final"
     assert summary["train"]["loss"] > 0 and math.isnan(summary["train"]["rewards/chosen"])  # sft has no rewards
 

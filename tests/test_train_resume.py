@@ -77,13 +77,13 @@ def test_a_short_run_resumed_to_more_steps_equals_the_long_run(tiny_config, monk
     the planned length) ends with the weights of a 4-step run."""
     common = dict(COMMON, scheduler="constant")
     long = tiny_config("long", **common)
-    long_summary = train(long)
+    long_summary = train(long).summary
     short = tiny_config("short", **dict(common, max_steps=2))
     train(short)
     checkpoints = Path(short.output_dir) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2"]
     calls = count_steps(monkeypatch)
-    summary = train(tiny_config("short", **common, resume=True))
+    summary = train(tiny_config("short", **common, resume=True)).summary
     assert calls == [3, 4]
     assert summary["steps"] == 4 and summary["pairs_seen"] == long_summary["pairs_seen"] == 22  # 16 + 6
     assert_bit_equal(final_weights(long), final_weights(short))
@@ -105,5 +105,5 @@ def test_keep_checkpoints_prunes_old_ones_and_a_damaged_one_is_skipped(tiny_conf
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-3"]
     (checkpoints / "step-3" / "weights.safetensors").write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="step-3 cannot be loaded"):
-        summary = train(tiny_config("run", max_steps=3, save_every=1, keep_checkpoints=2, resume=True))
+        summary = train(tiny_config("run", max_steps=3, save_every=1, keep_checkpoints=2, resume=True)).summary
     assert summary["steps"] == 3  # step 3 redone from step 2

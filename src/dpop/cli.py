@@ -28,24 +28,10 @@ def _add_eval_command(sub) -> None:
                                           "chosen-delta against a reference, mean log-probs, the divergent-token "
                                           "log-prob, and answer accuracy (batched greedy generation) when the rows "
                                           "carry an `answer` (the builtin task does).")
-    evaluate.add_argument("--model", default=None, help="Model dir, LoRA adapter dir, .gguf or builtin name "
-                                                         "(default: smollm2-135m).")
-    evaluate.add_argument("--data", default=None,
-                          help="Pairs file (default: 200 problems of the builtin task's eval split).")
-    evaluate.add_argument("--columns", default=None, help="Column mapping for --data, e.g. "
-                                                           "'prompt=question,chosen=good' (default: the standard names).")
-    evaluate.add_argument("--ref-model", default=None,
-                          help="Reference model for implicit rewards (default: none; reward metrics are skipped).")
-    evaluate.add_argument("--beta", type=float, default=0.3, help="β for implicit rewards (default: 0.3).")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="Pairs per batch (default: 16).")
-    evaluate.add_argument("--max-length", type=int, default=1024, help="Token limit per sequence (default: 1024).")
-    evaluate.add_argument("--max-new-tokens", type=int, default=128, help="Generation length for answer accuracy.")
-    evaluate.add_argument("--no-generate", action="store_true", help="Skip answer accuracy (no generation).")
-    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-sr"], default="auto",
-                          help="fp32, or bf16 autocast (bf16 and bf16-sr score alike: no optimizer steps); auto = "
-                               "bf16 where the hardware has fast bf16 (default: auto).")
-    evaluate.add_argument("--out", default=None, help="Write the results as JSON here.")
-    evaluate.add_argument("--trust-remote-code", action="store_true", help="Allow custom model code.")
+    from dpop.config.commands import EvalConfig
+    from dpop.config.flags import add_config_arguments
+
+    add_config_arguments(evaluate, EvalConfig, config_file=False)
     evaluate.set_defaults(run=_run_eval)
 
 
@@ -95,18 +81,10 @@ def _add_generate_command(sub) -> None:
                                           "as training renders them (message lists through the chat template, "
                                           "plain text as it is); a --prompt TEXT is wrapped as a user turn when "
                                           "the tokenizer has a chat template, unless --raw.")
-    generate.add_argument("--model", default=None, help="Model name, dir, LoRA adapter dir or .gguf "
-                                                         "(default: smollm2-135m).")
-    source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="One prompt.")
-    source.add_argument("--data", help="Data file: generate for every row's prompt (batched).")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="Tokens to generate (default: 128).")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0).")
-    generate.add_argument("--batch-size", type=int, default=16, help="Prompts per batch with --data (default: 16).")
-    generate.add_argument("--raw", action="store_true", help="With --prompt: use the text as is instead of "
-                                                             "wrapping it as a user turn of the chat template.")
-    generate.add_argument("--out", default=None, help="With --data: write JSONL generations here.")
-    generate.add_argument("--trust-remote-code", action="store_true", help="Allow custom model code.")
+    from dpop.config.commands import GenerateConfig
+    from dpop.config.flags import add_config_arguments
+
+    add_config_arguments(generate, GenerateConfig, config_file=False)
     generate.set_defaults(run=_run_generate)
 
 
@@ -137,6 +115,9 @@ def _add_demo_command(sub) -> None:
 
 
 def _add_analysis_commands(sub) -> None:
+    from dpop.config.commands import LandscapeConfig
+    from dpop.config.flags import add_config_arguments
+
     report = sub.add_parser("report", help="Plots and an HTML page from runs' metrics.jsonl.",
                             description="Build plots (chosen/rejected log-probs, chosen-delta, margins, accuracies, "
                                         "loss, divergent-token log-prob) and a self-contained report.html.")
@@ -150,10 +131,7 @@ def _add_analysis_commands(sub) -> None:
                                description="Draw the loss over x1 = πθ(y_w)/πref(y_w) and x2 = πθ(y_l)/πref(y_l) "
                                            "with the descent field: DPO shrinks x2 far faster than it grows x1; "
                                            "DPOP pushes x1 back above 1.")
-    landscape.add_argument("--loss", choices=["dpo", "dpop", "both"], default="both", help="Loss to draw (default: both).")
-    landscape.add_argument("--out", default="landscape.png", help="Image file: .png, .svg or .pdf (default: landscape.png).")
-    landscape.add_argument("--beta", type=float, default=0.3, help="β (default: 0.3).")
-    landscape.add_argument("--dpop-lambda", type=float, default=50.0, help="λ of DPOP (default: 50).")
+    add_config_arguments(landscape, LandscapeConfig, config_file=False)
     landscape.set_defaults(run=_run_landscape)
 
     bt = sub.add_parser("bt", help="Bradley–Terry fitting.", description="Bradley–Terry fitting.")
@@ -260,8 +238,11 @@ def _run_report(args) -> int:
 
 def _run_landscape(args) -> int:
     from dpop.analysis.landscape import draw_landscape
+    from dpop.config.commands import LandscapeConfig
+    from dpop.config.flags import config_from_args
 
-    print(f"wrote {draw_landscape(args.loss, args.out, beta=args.beta, dpop_lambda=args.dpop_lambda)}")
+    config = config_from_args(args, LandscapeConfig)
+    print(f"wrote {draw_landscape(config.loss, config.out, beta=config.beta, dpop_lambda=config.dpop_lambda)}")
     return 0
 
 
@@ -273,15 +254,19 @@ def _run_bt_fit(args) -> int:
 
 
 def _run_eval(args) -> int:
+    from dpop.config.commands import EvalConfig
+    from dpop.config.flags import config_from_args
     from dpop.evaluation.evaluate import run_eval
 
-    return run_eval(args)
+    return run_eval(config_from_args(args, EvalConfig))
 
 
 def _run_generate(args) -> int:
+    from dpop.config.commands import GenerateConfig
+    from dpop.config.flags import config_from_args
     from dpop.evaluation.generate import run_generate
 
-    return run_generate(args)
+    return run_generate(config_from_args(args, GenerateConfig))
 
 
 def _train_or_relaunch(args, config) -> int:
@@ -310,27 +295,6 @@ def _run_sft(args) -> int:
     return _train_or_relaunch(args, config_from_args(args, command_defaults=SFT_DEFAULTS))
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel at once.
-
-    A training step frees and reallocates the same large buffers (activations, logits chunks) every step; by
-    default glibc trims them back to the kernel and the next step page-faults them in again, zero-filled. On
-    the demo that was minutes of system time (3.3 of 21.4). MALLOC_* environment variables a user sets win;
-    elsewhere than glibc this does nothing."""
-    import ctypes
-    import os
-
-    if any(name.startswith("MALLOC_") for name in os.environ):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_trim_threshold, 1 << 30)  # keep up to 1 GiB of freed heap
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum: blocks below 32 MiB come from the heap
-
-
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -338,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes relaunches
     configure_logging(quiet=getattr(args, "quiet", False))
+    from dpop.speed import keep_freed_memory  # stdlib only
+
     keep_freed_memory()
     code = _run_command(args)
     if "WORLD_SIZE" in os.environ:  # under torchrun or accelerate launch (dpop.distributed and torch are loaded)

@@ -12,6 +12,7 @@ summary.json, report.html with plots and a reading of the numbers, and a table i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -35,8 +36,8 @@ class DemoPlan:
     batch_size: int = 8
     sft_learning_rate: float = 2e-5
     learning_rate: float = 5e-6
-    beta: float = 0.3  # the DPOP paper's defaults
-    dpop_lambda: float = 50.0
+    beta: float = TrainConfig.beta  # the DPOP paper's β and (None: dpop's own default) λ
+    dpop_lambda: float | None = None
     max_new_tokens: int = 72  # the task's longest solution is 61 tokens; rows also stop once they answer
     group_by_length: bool = False  # pairs of similar length share a step: 1% padding instead of ~14%
 
@@ -83,6 +84,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
              plan: DemoPlan | None = None) -> dict:
     """Run every stage; returns the summary also written to OUT/summary.json. `model` and `plan` exist for
     tests (a tiny model, a few steps); the demo itself is the builtin model with QUICK or FULL."""
+    from dpop.losses import loss_option_defaults
     from dpop.training.loop import train
 
     plan = plan or (QUICK if quick else FULL)
@@ -103,7 +105,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     runs = {}
     for i, case in enumerate(plan.cases):
         _stage(3 + i, total, f"{case}-edit pairs: dpo and dpop from the SFT model ({plan.steps} steps each, "
-                             f"β {plan.beta}, λ {plan.dpop_lambda:g}, lr {plan.learning_rate:g})")
+                             f"β {plan.beta}, λ {loss_option_defaults()['dpop_lambda'] if base.dpop_lambda is None else base.dpop_lambda:g}, lr {plan.learning_rate:g})")
         for loss in ("dpo", "dpop"):
             run_dir = out / f"{case}_edit" / loss
             train(replace(base, loss=loss, model=sft_model, data=str(files[f"{case}_train"]),
@@ -132,21 +134,20 @@ def _evaluate_all(out: Path, plan: DemoPlan, files: dict, sft_model: str, runs: 
 
     reference, tokenizer = load_model(sft_model)
     summary = {}
-    answers = {}  # the SFT model's answers are the same for every case: the problems are the same
+    sft_answers = None  # the SFT model's answers are the same for every case: the problems are the same
     for case in plan.cases:
         pairs = load_pairs(files[f"{case}_eval"]).pairs
-        results, ref_memo = {}, {}  # the SFT reference's log-probs of these pairs, computed once
-        for name, model_dir in [("sft", sft_model)] + [(loss, runs[(case, loss)] / "final") for loss in ("dpo", "dpop")]:
-            model = reference if name == "sft" else load_model(str(model_dir))[0]
-            generate = not (name == "sft" and "sft" in answers)
-            metrics = evaluate_model(model, tokenizer, pairs, ref_model=reference, beta=plan.beta,
-                                     batch_size=64, max_length=256, max_prompt_length=128, generate=generate,
-                                     max_new_tokens=plan.max_new_tokens, precision="auto", progress=True,
-                                     ref_memo=ref_memo)
-            if name == "sft":
-                answers.setdefault("sft", (metrics["answer_accuracy"], metrics["num_answer_rows"]))
-                metrics["answer_accuracy"], metrics["num_answer_rows"] = answers["sft"]
-            results[name] = _summary_entry(metrics)
+        # ref_memo: the SFT reference's log-probs of these pairs, computed once for the three models
+        score = functools.partial(evaluate_model, tokenizer=tokenizer, pairs=pairs, ref_model=reference,
+                                  beta=plan.beta, batch_size=64, max_length=256, max_prompt_length=128,
+                                  max_new_tokens=plan.max_new_tokens, precision="auto", progress=True, ref_memo={})
+
+        sft = score(reference, generate=sft_answers is None)
+        sft_answers = sft_answers or (sft["answer_accuracy"], sft["num_answer_rows"])
+        sft["answer_accuracy"], sft["num_answer_rows"] = sft_answers
+        results = {"sft": _summary_entry(sft)}
+        for loss in ("dpo", "dpop"):
+            results[loss] = _summary_entry(score(load_model(str(runs[(case, loss)] / "final"))[0]))
         summary[CASE_KEYS[case]] = results
     return summary
 

@@ -77,6 +77,22 @@ def use_fp32_attention(model) -> None:
     model.set_attn_implementation(FP32_ATTENTION)
 
 
+@contextlib.contextmanager
+def fp32_attention_scope():
+    """A block after which transformers' attention registry is as before it: the fp32 sdpa that
+    use_fp32_attention registers is removed again if the block added it (models set to it inside the block
+    must be restore_sdpa'd before it ends)."""
+    from transformers import AttentionInterface
+
+    registry = AttentionInterface._global_mapping  # where AttentionInterface.register puts its functions
+    present = FP32_ATTENTION in registry
+    try:
+        yield
+    finally:
+        if not present:
+            registry.pop(FP32_ATTENTION, None)
+
+
 def restore_sdpa(model) -> None:
     """Undo use_fp32_attention before saving, so a saved model names a standard attention implementation."""
     config = getattr(model, "config", None)
@@ -149,6 +165,9 @@ class TrainedWeights:
     def masters(self):
         return contextlib.nullcontext()
 
+    def release(self) -> None:
+        """Leave the master weights in the parameters for good (the run is over)."""
+
     @torch.no_grad()
     def sample(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(fp32 values, compute values as fp32) of the sampled elements."""
@@ -176,15 +195,24 @@ class DitheredWeights(TrainedWeights):
         super().__init__(named_parameters, torch.bfloat16)
         self.seed = seed
         self.dithered = [(name, p) for name, p in self.named if _ditherable(name, p)]
+        self.released = False
         self._shift(remove=False)
 
     @contextlib.contextmanager
     def masters(self):
+        if self.released:
+            yield
+            return
         self._shift(remove=True)
         try:
             yield
         finally:
             self._shift(remove=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self._shift(remove=True)
+            self.released = True
 
     def _shift(self, *, remove: bool) -> None:
         _shift(self.dithered, self.seed, remove=remove)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpop.config import TrainConfig
 from dpop.errors import ConfigError
 
 LANDSCAPE_LOSSES = ("dpo", "dpop")
@@ -60,14 +61,17 @@ class LandscapeGrid:
         return np.hypot(self.grad_x1, self.grad_x2)
 
 
-def _check(loss: str, beta: float, dpop_lambda: float) -> float:
-    """Validate the arguments; return the lambda actually used (0 for dpo)."""
+def _check(loss: str, beta: float, dpop_lambda: float | None) -> float:
+    """Validate the arguments; return the lambda actually used (0 for dpo; None: dpop's own default)."""
+    from dpop.losses import check_option, loss_option_defaults
+
     if loss not in LANDSCAPE_LOSSES:
         raise ConfigError(f"landscape loss {loss!r} is not one of {', '.join(LANDSCAPE_LOSSES)}")
     if not beta > 0:
         raise ConfigError(f"beta must be positive, got {beta}")
-    if not dpop_lambda >= 0:
-        raise ConfigError(f"dpop_lambda must be >= 0, got {dpop_lambda}")
+    if dpop_lambda is None:
+        dpop_lambda = loss_option_defaults()["dpop_lambda"]
+    check_option("dpop_lambda", dpop_lambda)
     return dpop_lambda if loss == "dpop" else 0.0
 
 
@@ -77,7 +81,7 @@ def _logit(x1: np.ndarray, x2: np.ndarray, beta: float, penalty_weight: float) -
     return beta * (log_x1 - log_x2 - penalty_weight * np.maximum(0.0, -log_x1))
 
 
-def ratio_loss(loss: str, x1, x2, *, beta: float = 0.3, dpop_lambda: float = 50.0) -> np.ndarray:
+def ratio_loss(loss: str, x1, x2, *, beta: float = TrainConfig.beta, dpop_lambda: float | None = None) -> np.ndarray:
     """Per-pair loss at ratios (x1, x2) > 0; dpop_lambda is ignored for dpo."""
     penalty_weight = _check(loss, beta, dpop_lambda)
     z = _logit(np.asarray(x1, float), np.asarray(x2, float), beta, penalty_weight)
@@ -85,7 +89,7 @@ def ratio_loss(loss: str, x1, x2, *, beta: float = 0.3, dpop_lambda: float = 50.
 
 
 def ratio_loss_gradient(
-    loss: str, x1, x2, *, beta: float = 0.3, dpop_lambda: float = 50.0
+    loss: str, x1, x2, *, beta: float = TrainConfig.beta, dpop_lambda: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(dL/dx1, dL/dx2) at ratios (x1, x2) > 0, in closed form (see the module docstring)."""
     penalty_weight = _check(loss, beta, dpop_lambda)
@@ -100,8 +104,8 @@ def ratio_loss_gradient(
 
 def landscape_grid(
     loss: str,
-    beta: float = 0.3,
-    dpop_lambda: float = 50.0,
+    beta: float = TrainConfig.beta,
+    dpop_lambda: float | None = None,
     *,
     low: float = 0.02,
     high: float = 2.0,
@@ -112,11 +116,12 @@ def landscape_grid(
         raise ConfigError(f"need 0 < low < high for the ratio grid, got low={low}, high={high}")
     axis = np.linspace(low, high, points)
     x1, x2 = np.meshgrid(axis, axis)  # (points, points): x1 varies along columns, x2 along rows
+    penalty_weight = _check(loss, beta, dpop_lambda)  # the λ used: 0 for dpo
     grad_x1, grad_x2 = ratio_loss_gradient(loss, x1, x2, beta=beta, dpop_lambda=dpop_lambda)
     return LandscapeGrid(
         loss_name=loss,
         beta=beta,
-        dpop_lambda=dpop_lambda if loss == "dpop" else 0.0,
+        dpop_lambda=penalty_weight,
         x1=x1,
         x2=x2,
         loss=ratio_loss(loss, x1, x2, beta=beta, dpop_lambda=dpop_lambda),
@@ -129,7 +134,7 @@ def landscape_grid(
 # Drawing
 
 
-def draw_landscape(loss: str, out_path: str | Path, *, beta: float = 0.3, dpop_lambda: float = 50.0) -> Path:
+def draw_landscape(loss: str, out_path: str | Path, *, beta: float = TrainConfig.beta, dpop_lambda: float | None = None) -> Path:
     """Draw the loss surface (filled log-scale contours) with the descent field -grad L on top.
 
     Arrows have unit length (direction only; with lambda = 50 the raw field spans four decades) and

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -157,10 +156,13 @@ def _split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
 def _field_type(f) -> type:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    """A field's value type from its annotation ('float | None' -> float), for any of the config classes."""
+    names = [name.strip() for name in str(f.type).split("|")]
+    return _KINDS[next(name for name in names if name != "None")]
 
 
 def _suggest(name: str, valid) -> str:
@@ -275,7 +277,10 @@ def make_config(values: dict[str, Any], base: type = TrainConfig):
         _check_range(by_name[name], value)
         resolved[name] = value
     config = base(**resolved)
-    _check_consistency(config)
+    if isinstance(config, TrainConfig):
+        _check_consistency(config)
+    elif hasattr(config, "check"):  # a command's config (dpop.config.commands)
+        config.check()
     return config
 
 

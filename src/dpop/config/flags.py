@@ -45,13 +45,15 @@ SFT_DEFAULTS = {"loss": "sft", "learning_rate": 1e-5, "task_split": "sft"}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, base: type = TrainConfig,
-                         command_defaults: dict | None = None, exclude: tuple[str, ...] = ()) -> None:
+                         command_defaults: dict | None = None, exclude: tuple[str, ...] = (),
+                         config_file: bool = True) -> None:
     """One --flag per config field (except `exclude`: keys the command fixes), help and default from the field
     itself. Flags default to None (= not given), so a YAML file's value is only overridden by flags the user
     actually typed.
     Abbreviated flags are refused (a flag is exactly its YAML key), and an unknown flag is an error that
     suggests the nearest valid one."""
-    parser.add_argument("config_file", nargs="?", help="YAML file with config keys (flags override it).")
+    if config_file:
+        parser.add_argument("config_file", nargs="?", help="YAML file with config keys (flags override it).")
     for f in _flag_fields(base, exclude):
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")

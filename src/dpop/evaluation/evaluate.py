@@ -21,6 +21,7 @@ import math
 import sys
 from pathlib import Path
 
+from dpop.config import TrainConfig
 from dpop.errors import ConfigError
 from dpop.scoring.pairs import autocast_for, pair_metrics, score_pairs
 from dpop.scoring.reference import OwnReference, _memoized
@@ -59,10 +60,11 @@ def answer_accuracy(model, tokenizer, pairs, *, batch_size: int, max_new_tokens:
     return correct / len(answered), len(answered)
 
 
-def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3, batch_size: int = 16,
-                   max_length: int = 1024, max_prompt_length: int | None = None, generate: bool = True,
-                   max_new_tokens: int = 128, precision: str = "fp32", layout: str = "shared",
-                   chunk_tokens: int = 1024, progress: bool = False, ref_memo: dict | None = None) -> dict:
+def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = TrainConfig.beta, batch_size: int = 16,
+                   max_length: int = TrainConfig.max_length, max_prompt_length: int | None = None,
+                   generate: bool = True, max_new_tokens: int = 128, precision: str = "fp32",
+                   layout: str = TrainConfig.layout, chunk_tokens: int = TrainConfig.chunk_tokens,
+                   progress: bool = False, ref_memo: dict | None = None) -> dict:
     """Evaluate `model` on preference `pairs` (PreferencePairs, or row dicts as `dpop data make` writes them).
 
     Returns a dict: pair_accuracy, rewards/accuracies, rewards/chosen, rewards/rejected, rewards/margins,
@@ -70,7 +72,7 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     tokens/divergent_chosen_logp, answer_accuracy, num_pairs, num_answer_rows, dropped_pairs (see the
     module docstring); None where a value cannot be computed (the reward keys without `ref_model`).
     `ref_model` must share the tokenizer (e.g. the SFT model a run started from). `precision`: fp32, bf16
-    (autocast; on CPU with fp32 attention, set on the models in place: dpop.precision), bf16-sr (autocast
+    (autocast; on CPU with fp32 attention while scoring: dpop.precision), bf16-sr (autocast
     over the weights with bf16-sr's dither, taken off again after scoring) or auto. Generation runs in fp32.
     `ref_memo`: a dict shared by calls that score the same `pairs` against the same `ref_model` with the
     same settings, so each batch's reference log-probs are computed once (the demo scores three models
@@ -79,8 +81,7 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     from dpop.config import resolve_precision
     from dpop.data import pairs_from_rows
     from dpop.data.tokenize import tokenize_pairs
-    from dpop.precision import prepare_model, scoring_weights
-    from dpop.scoring.reference import LiveReference
+    from dpop.precision import fp32_attention_scope, prepare_model, restore_sdpa
 
     pairs = list(pairs)
     if pairs and isinstance(pairs[0], dict):
@@ -91,23 +92,16 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
         raise ConfigError(f"eval: no pairs left after tokenization with max_length {max_length}")
     device = next(model.parameters()).device
     precision = resolve_precision(precision)
-    for each in (model, ref_model):  # the arithmetic training used (bf16 on CPU: fp32 attention)
-        if each is not None:
-            prepare_model(each, precision, device)
-    autocast = autocast_for(precision, device)
-    if ref_model is None:
-        reference = None
-    elif ref_model is model and not hasattr(model, "disable_adapter"):  # no second forward of the same model
-        reference = OwnReference(ref_memo if ref_memo is not None else {})
-    else:
-        reference = LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
-                                  chunk_tokens=chunk_tokens)
-        if ref_memo is not None:
-            reference = _memoized(reference, ref_memo)
-    with scoring_weights((model, ref_model), precision):  # bf16-sr: stochastic rounding, as training computes
-        stats = score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference,
-                            beta=beta, layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
-                            chunk_tokens=chunk_tokens)
+    models = [each for each in (model, ref_model) if each is not None]
+    with fp32_attention_scope():  # the models and transformers' registry are left as they were found
+        try:
+            for each in models:  # the arithmetic training used (bf16 on CPU: fp32 attention)
+                prepare_model(each, precision, device)
+            stats = _score(model, data, ref_model, tokenizer, precision=precision, beta=beta, batch_size=batch_size,
+                           layout=layout, max_length=max_length, chunk_tokens=chunk_tokens, ref_memo=ref_memo)
+        finally:
+            for each in models:
+                restore_sdpa(each)
     metrics = pair_metrics(stats)
     keys = ("pair_accuracy", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "logps/chosen_delta",
@@ -121,16 +115,29 @@ def evaluate_model(model, tokenizer, pairs, *, ref_model=None, beta: float = 0.3
     return results
 
 
+def _score(model, data, ref_model, tokenizer, *, precision: str, beta: float, batch_size: int, layout: str,
+           max_length: int, chunk_tokens: int, ref_memo: dict | None):
+    from dpop.precision import scoring_weights
+    from dpop.scoring.reference import LiveReference
+
+    autocast = autocast_for(precision, next(model.parameters()).device)
+    if ref_model is None:
+        reference = None
+    elif ref_model is model and not hasattr(model, "disable_adapter"):  # no second forward of the same model
+        reference = OwnReference(ref_memo if ref_memo is not None else {})
+    else:
+        reference = LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
+                                  chunk_tokens=chunk_tokens)
+        if ref_memo is not None:
+            reference = _memoized(reference, ref_memo)
+    with scoring_weights((model, ref_model), precision):  # bf16-sr: stochastic rounding, as training computes
+        return score_pairs(model, data.pairs, batch_size=batch_size, autocast=autocast, reference=reference,
+                           beta=beta, layout=dict(layout=layout, pad_id=tokenizer.pad_token_id, pack_length=max_length),
+                           chunk_tokens=chunk_tokens)
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if isinstance(value, float) and math.isfinite(value) else None
-
-
-def _check_eval_args(args) -> None:
-    for name, ok, rule in (("beta", args.beta > 0, "> 0"), ("batch_size", args.batch_size >= 1, ">= 1"),
-                           ("max_length", args.max_length >= 2, ">= 2"),
-                           ("max_new_tokens", args.max_new_tokens >= 1, ">= 1")):
-        if not ok:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be {rule}, got {getattr(args, name)}")
 
 
 def _eval_pairs(data: str | None, columns: str | None = None) -> tuple[list, str]:
@@ -146,12 +153,12 @@ def _eval_pairs(data: str | None, columns: str | None = None) -> tuple[list, str
 
 
 def run_eval(args) -> int:
-    """`dpop eval`: validate the data, load the model(s), evaluate, print a table, optionally write JSON."""
+    """`dpop eval` (args: a dpop.config.commands.EvalConfig): validate the data, load the model(s), evaluate,
+    print a table, optionally write JSON."""
     from dpop.config import resolve_precision
     from dpop.models import load_model
     from dpop.scoring.reference import check_same_tokenizer
 
-    _check_eval_args(args)
     pairs, description = _eval_pairs(args.data, args.columns)  # every row checked before a model is loaded
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     ref_model = None
@@ -160,9 +167,10 @@ def run_eval(args) -> int:
         check_same_tokenizer(tokenizer, ref_tokenizer, args.ref_model)
     precision = resolve_precision(args.precision)
     results = evaluate_model(model, tokenizer, pairs, ref_model=ref_model, beta=args.beta,
-                             batch_size=args.batch_size, max_length=args.max_length, generate=not args.no_generate,
-                             max_new_tokens=args.max_new_tokens, precision=precision, progress=True)
-    results = {"model": str(args.model or "smollm2-135m"), "ref_model": args.ref_model, "data": description,
+                             batch_size=args.batch_size, max_length=args.max_length, generate=args.generate,
+                             max_new_tokens=args.max_new_tokens, precision=precision, layout=args.layout,
+                             chunk_tokens=args.chunk_tokens, progress=True)
+    results = {"model": args.model, "ref_model": args.ref_model, "data": description,
                "precision": precision, "beta": args.beta, **results}
     print(format_table(results))
     if args.out:

@@ -135,6 +135,8 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
 
 
 def run_generate(args) -> int:
+    """`dpop generate` (args: a dpop.config.commands.GenerateConfig)."""
+    from dpop.config import parse_columns
     from dpop.models import load_model
 
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -144,7 +146,7 @@ def run_generate(args) -> int:
         return 0
     from dpop.data import load_pairs
 
-    pairs = load_pairs(args.data).pairs
+    pairs = load_pairs(args.data, columns=parse_columns(args.columns)).pairs
     texts = generate_texts(model, tokenizer, [p.prompt for p in pairs], max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, temperature=args.temperature)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dpop.config import TrainConfig
 from dpop.scoring.batching import PairBatch
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = TrainConfig.chunk_tokens  # the config is its one home
 
 
 @dataclass

@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from dpop.config import TrainConfig
 from dpop.scoring.batching import ordered_batches
 from dpop.scoring.logprobs import SequenceLogps, sequence_logps
 from dpop.scoring.metrics import PairStats, pair_accuracy, record_pairs, summarize_pairs
@@ -31,7 +32,8 @@ def pair_losses(loss: str | None, policy: SequenceLogps, ref, *, beta: float, op
 
 @torch.no_grad()
 def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, loss: str | None = None,
-                beta: float = 0.3, options: dict | None = None, chunk_tokens: int = 1024,
+                beta: float = TrainConfig.beta, options: dict | None = None,
+                chunk_tokens: int = TrainConfig.chunk_tokens,
                 forward=None) -> PairStats:
     """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None.
     `forward(batch) -> SequenceLogps`: the scoring module a training engine wraps (dpop.scoring.logprobs.PolicyScorer;

@@ -33,7 +33,7 @@ import torch
 from dpop.data.order import micro_batches, pair_lengths
 from dpop.precision import dither_like_policy, prepare_model
 from dpop.scoring.batching import PairBatch, make_batch, ordered_batches
-from dpop.scoring.logprobs import SequenceLogps, sequence_logps
+from dpop.scoring.logprobs import DEFAULT_CHUNK_TOKENS, SequenceLogps, sequence_logps
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class LiveReference:
     """Computes reference log-probs with a frozen model (a copy, a separate ref_model, or the policy
     itself with its LoRA adapters disabled)."""
 
-    def __init__(self, model, autocast, *, disable_adapters: bool = False, chunk_tokens: int = 1024):
+    def __init__(self, model, autocast, *, disable_adapters: bool = False,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         self.model = model
         self.autocast = autocast
         self.disable_adapters = disable_adapters
@@ -83,11 +84,14 @@ class CachedReference:
         return RefLogps(chosen.to(device), rejected.to(device))
 
 
-def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_batches: int, processes=None):
+def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_batches: int, processes=None,
+                    policy_on_disk: bool = True):
     """(train reference, eval reference) per config.ref_strategy: callables (batch, pair_indices) -> RefLogps,
     or (None, None) for a reference-free loss (sft among them). Call it before training starts: `precompute` and the
     policy-as-reference read the model's current (initial) weights. `processes`: the accelerator of a
-    multi-process run (`needed_micro_batches` then counts micro-batches of all processes together)."""
+    multi-process run (`needed_micro_batches` then counts micro-batches of all processes together).
+    `policy_on_disk`: False for a model handed over in memory, whose weights no file fingerprints: its
+    precomputed log-probs are kept in memory only, never in (or from) the disk cache."""
     from dpop.distributed import SingleProcess
     from dpop.losses import LOSSES
 
@@ -109,9 +113,9 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
         ref_model.to(device)
         ref_source = config.ref_model
     elif config.ref_strategy == "model":
-        ref_model, ref_source = copy.deepcopy(model), config.model
+        ref_model, ref_source = copy.deepcopy(model), config.model if policy_on_disk else None
     else:  # precompute from the policy itself, or lora: the policy with its adapters disabled
-        ref_model, ref_source = model, config.model
+        ref_model, ref_source = model, config.model if policy_on_disk else None
     if ref_model is not model:
         ref_model.eval()
         ref_model.requires_grad_(False)
@@ -150,7 +154,8 @@ def _first_epoch_schedule(config, num_pairs: int, needed_micro_batches: int, wor
 
 def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, schedule, processes, *,
                  dithered: str | None) -> CachedReference:
-    """`dithered`: under bf16-sr, a hash of the parameters the policy's start dithered (None: none were)."""
+    """`dithered`: under bf16-sr, a hash of the parameters the policy's start dithered (None: none were).
+    `ref_source` None (a model in memory): no disk cache."""
     from dpop.models import resolve_model
 
     fingerprint = dict(split=split, layout=config.layout, seed=config.seed, precision=config.precision,
@@ -165,9 +170,10 @@ def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, sche
     if dithered:
         fingerprint["dithered"] = dithered
     key = cache_key(model_fingerprint=model_fingerprint(resolve_model(ref_source)),
-                    pairs_fingerprint=pairs_fingerprint(pairs), schedule=fingerprint)
+                    pairs_fingerprint=pairs_fingerprint(pairs), schedule=fingerprint) if ref_source else None
     return precompute(live, schedule, lambda indices: make_batch(pairs, indices, **layout), len(pairs),
-                      cache_path=cache_path_for(key), description=f"reference pass ({split})", processes=processes)
+                      cache_path=cache_path_for(key) if key else None, description=f"reference pass ({split})",
+                      processes=processes)
 
 
 def trainable_names(model) -> list[str]:

@@ -25,12 +25,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpop import distributed, precision
-from dpop.config import TrainConfig
+from dpop.config import TrainConfig, make_config
 from dpop.config.flags import write_yaml
 from dpop.data.order import micro_batches, optimizer_steps, pair_lengths
 from dpop.errors import ConfigError
@@ -40,7 +42,7 @@ from dpop.scoring.metrics import PRECISION_KEYS, PairStats, record_pairs, summar
 from dpop.scoring.pairs import pair_metrics, score_pairs
 from dpop.training.checkpoint import make_run_dir, restore_latest, rng_state, save_checkpoint, save_final
 from dpop.training.monitor import DeadZoneWatch, FailureModeWatch, MetricsLog, tracker_values
-from dpop.training.setup import Run, setup
+from dpop.training.setup import Run, RunInputs, setup
 from dpop.training.stopping import StopSignals, non_finite_error, run_stopped
 
 logger = logging.getLogger(__name__)
@@ -150,9 +152,65 @@ def evaluate(run: Run) -> dict:
 
 # --- the run --------------------------------------------------------------------------------------------
 
-def train(config: TrainConfig) -> dict:
-    """Run training end to end; returns the summary written to RUN/summary.json."""
-    run = setup(config)
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` returns: the run's summary (RUN/summary.json), where its files are, and the trained model."""
+
+    summary: dict
+    run_dir: Path
+    metrics_path: Path  # RUN/metrics.jsonl: one row per logged step (train and eval)
+    final_model: Path  # RUN/final: a Hugging Face model dir (or a LoRA adapter dir with lora_save adapter)
+    model: torch.nn.Module  # the trained policy in memory, master weights (a peft model under LoRA)
+    tokenizer: object
+
+
+def train(config: TrainConfig | Mapping | None = None, *, model=None, tokenizer=None, data=None, eval_data=None,
+          **overrides) -> TrainResult:
+    """Train end to end, from Python as `dpop train` does from the shell.
+
+        from dpop import TrainConfig, train
+        result = train(TrainConfig(loss="dpop", max_steps=100), data=[{"prompt": ..., "chosen": ..., "rejected": ...}])
+        result.summary["train"]["logps/chosen_delta"], result.final_model
+
+    Args:
+        config: a TrainConfig, or a mapping of its keys (validated the same way); None: the defaults.
+        model, tokenizer: a causal LM and its tokenizer to train in place, instead of loading config.model. The
+            precomputed reference log-probs of a model in memory are not cached on disk (no file to key them by).
+        data, eval_data: pairs in memory instead of config.data / config.eval_data: a list of row dicts (any
+            shape `dpop data doctor` accepts), a datasets.Dataset, LoadedPairs or a list of PreferencePair.
+        **overrides: config keys that replace the config's (train(config, max_steps=10)).
+    Returns:
+        TrainResult. The process is left as it was found: signal handlers and transformers' attention registry
+        are restored; messages go to the `dpop` logger (configure logging to see them; warnings show anyway).
+    Raises:
+        ConfigError, DataError, ModelError (dpop.errors) before anything is written; RunStopped after a clean stop
+        on SIGINT/SIGTERM (a checkpoint was written).
+    """
+    from dpop.speed import keep_freed_memory
+
+    values = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
+    config = make_config({**values, **overrides})
+    inputs = RunInputs(model, tokenizer, data, eval_data)
+    keep_freed_memory()
+    with precision.fp32_attention_scope():
+        try:
+            run = setup(config, inputs)
+        except BaseException:
+            if model is not None:  # a model handed over may already compute with the fp32 attention
+                precision.restore_sdpa(model)
+            raise
+        try:
+            summary = _run(run)
+        finally:
+            precision.restore_sdpa(run.accelerator.unwrap_model(run.model))
+            run.weights.release()  # the model in memory holds the master weights, as final/ does
+    return TrainResult(summary=summary, run_dir=run.run_dir, metrics_path=run.run_dir / "metrics.jsonl",
+                       final_model=run.run_dir / "final", model=run.accelerator.unwrap_model(run.model),
+                       tokenizer=run.tokenizer)
+
+
+def _run(run: Run) -> dict:
+    """The steps, the final evaluation and the final model of a set-up run; returns the summary."""
     config = run.config
     main = run.accelerator.is_main_process  # the only process that writes the run dir
     if main:
@@ -184,7 +242,7 @@ def train(config: TrainConfig) -> dict:
     if config.save_every and not saved:
         _save_checkpoint(run)
     final = run.run_dir / "final"
-    precision.restore_sdpa(run.accelerator.unwrap_model(run.model))
+    precision.restore_sdpa(run.accelerator.unwrap_model(run.model))  # final/ names a standard attention
     with run.weights.masters():  # final/ holds the weights without bf16-sr's dither
         weights = distributed.gathered_weights(run.accelerator, run.scorer)  # FSDP / ZeRO-3 only; all processes
         if main:

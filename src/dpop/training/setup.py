@@ -26,6 +26,20 @@ from dpop.training.monitor import check_trackers
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What a Python caller hands `train` instead of paths: a model and its tokenizer (trained in place), and
+    pairs in memory (row dicts, a datasets.Dataset, LoadedPairs or PreferencePairs). None: from the config."""
+
+    model: torch.nn.Module | None = None
+    tokenizer: object | None = None
+    data: object | None = None
+    eval_data: object | None = None
+
+    def __post_init__(self):
+        if (self.model is None) != (self.tokenizer is None):
+            raise ConfigError("train(model=..., tokenizer=...): give both the model and its tokenizer, or neither "
+                              "(then config.model names the model to load)")
 
 
 @dataclass
@@ -125,12 +139,17 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _build_model(config: TrainConfig):
+def _build_model(config: TrainConfig, inputs: RunInputs):
     from dpop.models import load_model
 
-    quantization = _quantization_config(config) if config.lora_4bit else None
-    model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code,
-                                  quantization_config=quantization)
+    if inputs.model is not None:
+        model, tokenizer = inputs.model, inputs.tokenizer
+        if tokenizer.pad_token_id is None:  # load_model does the same for a model it loads
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        quantization = _quantization_config(config) if config.lora_4bit else None
+        model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code,
+                                      quantization_config=quantization)
     if not config.dropout:
         _disable_dropout(model)
     precision.prepare_model(model, config.precision, _device_type())  # bf16 on CPU: fp32 attention
@@ -194,21 +213,22 @@ def _new_accelerator(config: TrainConfig, run_dir: Path):
                            step_scheduler_with_optimizer=False)
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     """Validate, load, tokenise and build the reference; write nothing to the run dir except deleting the
     old run on --overwrite once everything else has succeeded."""
+    inputs = inputs or RunInputs()
     from accelerate.utils import set_seed
 
     config = resolve(make_config(config.to_dict()))  # a TrainConfig built in Python is validated too
     config = distributed.check_launch(config)  # num_processes: the processes launched
     run_dir = check_run_dir(config)
     check_trackers(config.trackers)
-    pairs = load_run_pairs(config)  # every row validated before a model is loaded or a file written
+    pairs = load_run_pairs(config, inputs.data, inputs.eval_data)  # validated before a model loads or a file is written
     accelerator = _new_accelerator(config, run_dir)
     accelerator.wait_for_everyone()  # every process has checked the run dir before the main one writes to it
     distributed.check_engine(accelerator, config)
     set_seed(config.seed)
-    model, tokenizer = _build_model(config)
+    model, tokenizer = _build_model(config, inputs)
     model.to(accelerator.device)
     weights = precision.trained_weights(model, config.precision, config.seed)  # bf16-sr: dithers them now
     data = tokenize_run_pairs(pairs, tokenizer, config)
@@ -219,7 +239,7 @@ def setup(config: TrainConfig) -> Run:
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     reference, eval_reference = build_reference(config, model, tokenizer, accelerator.autocast, data,
                                                 needed_micro_batches=total_steps * config.grad_accum,
-                                                processes=accelerator)
+                                                processes=accelerator, policy_on_disk=inputs.model is None)
     if config.overwrite and accelerator.is_main_process:
         clear_run_dir(run_dir)
     model.train()
