@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dpop.losses
 import dpop.training.loop
 from dpop.cli import main
 from dpop.errors import TrainingError
@@ -20,7 +21,7 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
     (where="gradient": the recorded losses stay finite) non-finite for n in `bad_steps`. Returns
     {step: trainable weights after it}."""
     current, weights = {}, {}
-    real_step, real_losses, real_micro = dpop.training.loop.train_step, dpop.training.loop.sequence_loss, dpop.training.loop._micro_batch_loss
+    real_step, real_losses, real_micro = dpop.training.loop.train_step, dpop.losses.sequence_loss, dpop.training.loop._micro_batch_loss
 
     def train_step(run, batches):
         current["step"] = run.state.step + 1
@@ -41,7 +42,7 @@ def make_steps_non_finite(monkeypatch, bad_steps, *, where: str) -> dict:
         return loss, tokens
 
     monkeypatch.setattr(dpop.training.loop, "train_step", train_step)
-    monkeypatch.setattr(dpop.training.loop, "sequence_loss", sequence_loss)
+    monkeypatch.setattr(dpop.losses, "sequence_loss", sequence_loss)  # what every Objective calls
     monkeypatch.setattr(dpop.training.loop, "_micro_batch_loss", micro_batch_loss)
     return weights
 

@@ -62,8 +62,12 @@ class TrainConfig:
     task_split: str = _opt("train", "The builtin task's split of problems to train on (dpop sft: sft; the eval "
                                     "split is held out).", choices=("train", "sft"))
     # --- the loss ---
-    loss: str = _opt("dpop", "Training loss (sft = cross-entropy on the chosen responses, what `dpop sft` runs).",
-                     choices_from_losses=True)
+    loss: str = _opt("dpop", "Training loss (sft = cross-entropy on the chosen responses, what `dpop sft` runs); "
+                             "several, comma-separated (a list in YAML), train on their weighted sum, each "
+                             "logged as loss/NAME.", choices_from_losses=True, list=True)
+    loss_weights: str | None = _opt(None, "Weights of the losses in loss, comma-separated (a list in YAML), one per "
+                                          "loss (none = 1 each); each loss keeps its own normalisation.", list=True,
+                                    numbers=True)
     beta: float = _opt(0.3, "β > 0: strength of the implicit KL constraint (DPOP paper: 0.3); ORPO: the weight λ "
                             "of its odds-ratio term.", exclusive_minimum=0.0)
     dpop_lambda: float | None = _loss_opt("dpop_lambda")
@@ -235,6 +239,8 @@ def _join_list(f, items) -> str:
 
 
 def _scalar(f, item) -> str:
+    if f.metadata.get("numbers") and isinstance(item, (int, float)) and not isinstance(item, bool):  # [1, 0.5]
+        return repr(item)
     if not isinstance(item, str) or "," in item or "=" in item or not item.strip():
         raise ConfigError(f"{f.name}: expected names, got {item!r}")
     return item.strip()
@@ -251,8 +257,10 @@ def _check_range(f, value) -> None:
         check_option(meta["loss_option"], value)
         return
     choices = _choices(f)
-    if choices and value not in choices:
-        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}{_suggest(str(value), choices)}")
+    items = _split_list(value) if meta.get("list") and isinstance(value, str) else [value]
+    for item in items if choices else ():
+        if item not in choices:
+            raise ConfigError(f"{f.name}: {item!r} is not one of {', '.join(choices)}{_suggest(str(item), choices)}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
         raise ConfigError(f"{f.name}: must be >= {meta['minimum']}, got {value}; the nearest valid value is "
                           f"{meta['minimum']} (default: {_default(f)})")
@@ -285,6 +293,9 @@ def make_config(values: dict[str, Any], base: type = TrainConfig):
 
 
 def _check_consistency(config) -> None:
+    from dpop.losses.objective import make_objective
+
+    make_objective(config.loss, config.loss_weights)  # one weight per loss, each loss once
     prompt_limit = config.max_prompt_length
     if prompt_limit is not None and prompt_limit >= config.max_length:
         raise ConfigError(f"max_prompt_length ({prompt_limit}) must be below max_length ({config.max_length}) to "

@@ -52,7 +52,8 @@ from dpop.losses.trl_pairwise import (
 )
 
 __all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss",
-           "loss_option_defaults", "loss_options", "preference_loss", "sequence_loss"]
+           "loss_option_defaults", "loss_options", "make_objective", "Objective", "objective_of", "preference_loss",
+           "sequence_loss"]
 
 
 @dataclass(frozen=True)
@@ -224,3 +225,6 @@ def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, 
     return preference_loss(name, policy.chosen, policy.rejected, ref.chosen if ref is not None else None,
                            ref.rejected if ref is not None else None, beta=beta, chosen_lengths=policy.chosen_lengths,
                            rejected_lengths=policy.rejected_lengths, **(options or {}))
+
+
+from dpop.losses.objective import Objective, make_objective, objective_of  # noqa: E402 (uses the registry above)

@@ -14,6 +14,7 @@ on a fixed sample of 2^18 elements (dpop.precision.TrainedWeights); DeadZoneWatc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -48,16 +49,25 @@ class PairStats:
 
 
 def record_pairs(stats: PairStats, *, losses, chosen_rewards, rejected_rewards, policy, ref_chosen, ref_rejected,
-                 beta: float = 0.0, dpop_lambda: float = 0.0, units=None) -> None:
+                 beta: float = 0.0, dpop_lambda: float = 0.0, units=None, weights=None) -> None:
     """Add one micro-batch to `stats`. `policy` is a SequenceLogps; ref_* are (P,) tensors or None; `losses`
-    may be None (evaluation without a loss); `units` (P,) what each pair counts for in the logged loss
-    (dpop.losses.LossSpec.units; None = 1 each, the mean over pairs)."""
+    the per-pair losses (P,), or for a mixture a dict loss name -> (P,) with `units` and `weights` dicts keyed
+    alike (dpop.losses.objective), or None (evaluation without a loss); `units` (P,) what each pair counts for
+    in the logged loss (dpop.losses.LossSpec.units; None = 1 each, the mean over pairs)."""
     nan = torch.full_like(policy.chosen, math.nan)
-    stats.add(loss_units=units if units is not None else torch.ones_like(policy.chosen))
+    if losses is not None and not isinstance(losses, Mapping):
+        losses, units, weights = {"": losses}, {"": units}, {"": 1.0}
+    total = nan
+    for name, part in (losses or {}).items():
+        part_units = units.get(name) if units else None
+        stats.add(**{f"losses:{name}": part,
+                     f"units:{name}": part_units if part_units is not None else torch.ones_like(policy.chosen),
+                     f"weight:{name}": torch.full_like(policy.chosen, weights[name])})
+        total = part * weights[name] if total is nan else total + part * weights[name]
+    stats.add(losses=total)
     chosen_delta = policy.chosen - ref_chosen if ref_chosen is not None else nan
     penalty = dpop_penalty(policy.chosen, ref_chosen) if ref_chosen is not None else torch.zeros_like(policy.chosen)
-    stats.add(losses=losses if losses is not None else nan,
-              chosen_rewards=chosen_rewards if chosen_rewards is not None else nan,
+    stats.add(chosen_rewards=chosen_rewards if chosen_rewards is not None else nan,
               rejected_rewards=rejected_rewards if rejected_rewards is not None else nan,
               penalized_chosen_rewards=(chosen_rewards - beta * dpop_lambda * penalty
                                         if chosen_rewards is not None else nan),
@@ -73,8 +83,13 @@ def summarize_pairs(stats: PairStats) -> dict[str, float]:
     chosen_rewards, rejected_rewards = stats.get("chosen_rewards"), stats.get("rejected_rewards")
     penalty = stats.get("penalty")
     no_rewards = bool(torch.isnan(chosen_rewards).all())
+    parts = {key.split(":", 1)[1]: _weighted_mean(stats.get(key), stats.get("units:" + key.split(":", 1)[1]))
+             for key in stats.parts if key.startswith("losses:")}
+    weights = {name: float(stats.get("weight:" + name)[0]) for name in parts}
+    loss = sum(weights[name] * value for name, value in parts.items()) if parts else math.nan
+    components = {f"loss/{name}": value for name, value in parts.items()} if len(parts) > 1 else {}
     return {
-        "loss": _weighted_mean(stats.get("losses"), stats.get("loss_units")),
+        "loss": loss, **components,
         "rewards/chosen": _mean(chosen_rewards),
         "rewards/rejected": _mean(rejected_rewards),
         "rewards/margins": _mean(chosen_rewards - rejected_rewards),

@@ -9,36 +9,37 @@ import torch
 
 from dpop.config import TrainConfig
 from dpop.scoring.batching import ordered_batches
-from dpop.scoring.logprobs import SequenceLogps, sequence_logps
+from dpop.scoring.logprobs import sequence_logps
 from dpop.scoring.metrics import PairStats, pair_accuracy, record_pairs, summarize_pairs
 from dpop.scoring.reference import OwnReference
 
 
-def pair_losses(loss: str | None, policy: SequenceLogps, ref, *, beta: float, options: dict):
-    """(losses, chosen_rewards, rejected_rewards, units), each (P,) or None, for one batch.
-
-    loss: a name registered in dpop.losses (units: what each pair counts for in the loss, LossSpec.units);
-    or None (no loss, the implicit rewards β·(log πθ − log πref) when a reference is given)."""
-    from dpop.losses import get_loss, sequence_loss
-
-    if loss is None:
-        if ref is None:
-            return None, None, None, None
-        return (None, beta * (policy.chosen.float() - ref.chosen), beta * (policy.rejected.float() - ref.rejected),
-                None)
-    losses, chosen_rewards, rejected_rewards = sequence_loss(loss, policy, ref, beta=beta, options=options)
-    return losses, chosen_rewards, rejected_rewards, get_loss(loss).units(policy.chosen_lengths)
+def record_scored(stats: PairStats, objective, policy, ref, *, beta: float):
+    """Score one batch under `objective` (a dpop.losses.Objective, or None: no loss, the implicit rewards
+    β·(log πθ − log πref) when there is a reference) and add it to `stats`; returns the ObjectiveOutput or None."""
+    output = objective(policy, ref, beta=beta) if objective is not None else None
+    if output is not None:
+        losses, units, weights = output.losses, output.units, output.weights
+        chosen_rewards, rejected_rewards = output.chosen_rewards, output.rejected_rewards
+    else:
+        losses = units = weights = None
+        chosen_rewards = beta * (policy.chosen.float() - ref.chosen) if ref is not None else None
+        rejected_rewards = beta * (policy.rejected.float() - ref.rejected) if ref is not None else None
+    record_pairs(stats, losses=losses, units=units, weights=weights, chosen_rewards=chosen_rewards,
+                 rejected_rewards=rejected_rewards, policy=policy, ref_chosen=ref.chosen if ref else None,
+                 ref_rejected=ref.rejected if ref else None, beta=beta,
+                 dpop_lambda=objective.options.get("dpop_lambda", 0.0) if objective is not None else 0.0)
+    return output
 
 
 @torch.no_grad()
-def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, loss: str | None = None,
-                beta: float = TrainConfig.beta, options: dict | None = None,
-                chunk_tokens: int = TrainConfig.chunk_tokens,
+def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, objective=None,
+                beta: float = TrainConfig.beta, chunk_tokens: int = TrainConfig.chunk_tokens,
                 forward=None) -> PairStats:
     """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None.
-    `forward(batch) -> SequenceLogps`: the scoring module a training engine wraps (dpop.scoring.logprobs.PolicyScorer;
-    default: sequence_logps on `model`)."""
-    options = options or {}
+    `objective`: the dpop.losses.Objective whose loss is logged (None: no loss). `forward(batch) ->
+    SequenceLogps`: the scoring module a training engine wraps (dpop.scoring.logprobs.PolicyScorer; default:
+    sequence_logps on `model`)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -53,12 +54,7 @@ def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, refere
                 ref = reference.record(indices, policy)
             else:
                 ref = reference(batch, indices) if reference is not None else None
-            losses, chosen_rewards, rejected_rewards, units = pair_losses(loss, policy, ref, beta=beta,
-                                                                          options=options)
-            record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                         policy=policy, ref_chosen=ref.chosen if ref else None,
-                         ref_rejected=ref.rejected if ref else None, beta=beta,
-                         dpop_lambda=options.get("dpop_lambda", 0.0), units=units)
+            record_scored(stats, objective, policy, ref, beta=beta)
     finally:
         model.train(was_training)
     return stats

@@ -93,11 +93,11 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
     `policy_on_disk`: False for a model handed over in memory, whose weights no file fingerprints: its
     precomputed log-probs are kept in memory only, never in (or from) the disk cache."""
     from dpop.distributed import SingleProcess
-    from dpop.losses import LOSSES
+    from dpop.losses.objective import objective_of
 
     processes = processes or SingleProcess()
 
-    if LOSSES[config.loss].reference_free:
+    if objective_of(config).reference_free:
         if config.ref_model:
             logger.warning("dpop: loss %s uses no reference model; ref_model %s is ignored", config.loss, config.ref_model)
         return None, None

@@ -36,10 +36,9 @@ from dpop.config import TrainConfig, make_config
 from dpop.config.flags import write_yaml
 from dpop.data.order import micro_batches, optimizer_steps, pair_lengths
 from dpop.errors import ConfigError
-from dpop.losses import sequence_loss
 from dpop.scoring.batching import make_batch
-from dpop.scoring.metrics import PRECISION_KEYS, PairStats, record_pairs, summarize_pairs
-from dpop.scoring.pairs import pair_metrics, score_pairs
+from dpop.scoring.metrics import PRECISION_KEYS, PairStats, summarize_pairs
+from dpop.scoring.pairs import pair_metrics, record_scored, score_pairs
 from dpop.training.checkpoint import make_run_dir, restore_latest, rng_state, save_checkpoint, save_final
 from dpop.training.monitor import DeadZoneWatch, FailureModeWatch, MetricsLog, tracker_values
 from dpop.training.setup import Run, RunInputs, setup
@@ -53,29 +52,23 @@ logger = logging.getLogger(__name__)
 
 # --- one optimizer step ---------------------------------------------------------------------------------
 
-def _micro_batch_loss(run: Run, micro, stats: PairStats, units_in_step: float) -> tuple:
+def _micro_batch_loss(run: Run, micro, stats: PairStats, units_in_step: dict[str, float]) -> tuple:
     """(loss to backpropagate, input tokens) of this process's share of one micro-batch: chosen and rejected
     in one forward pass."""
     config, pairs, accelerator = run.config, run.data.train.pairs, run.accelerator
     indices, weight = distributed.process_share(micro.pair_indices, accelerator.process_index,
                                                 accelerator.num_processes)
-    batch = make_batch(pairs, indices, **run.layout(with_rejected=run.loss.uses_rejected))
+    batch = make_batch(pairs, indices, **run.layout(with_rejected=run.objective.uses_rejected))
     batch = batch.to(accelerator.device)
     with accelerator.autocast():
         policy = run.scorer(batch)  # (P,) sums
     if not weight:  # an empty share of a short batch: the forward and backward the collectives need, adding 0
         return policy.chosen.sum() * 0.0, 0
     ref = run.reference(batch, indices) if run.reference is not None else None
-    options = run.loss_options
-    losses, chosen_rewards, rejected_rewards = sequence_loss(config.loss, policy, ref, beta=config.beta,
-                                                             options=options)
-    record_pairs(stats, losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                 policy=policy, ref_chosen=ref.chosen if ref else None, ref_rejected=ref.rejected if ref else None,
-                 beta=config.beta, dpop_lambda=options.get("dpop_lambda", 0.0),
-                 units=run.loss.units(policy.chosen_lengths))
+    output = record_scored(stats, run.objective, policy, ref, beta=config.beta)
     # The engines AVERAGE gradients over processes; × num_processes turns that average into the sum over all
     # the step's pairs / units_in_step, the single-process gradient (dpop.distributed).
-    return losses.sum() * accelerator.num_processes / units_in_step, batch.num_input_tokens
+    return output.step_loss(units_in_step) * accelerator.num_processes, batch.num_input_tokens
 
 
 def train_step(run: Run, step_batches) -> dict:
@@ -85,7 +78,7 @@ def train_step(run: Run, step_batches) -> dict:
     stats = PairStats()
     pairs_in_step = sum(len(mb.pair_indices) for mb in step_batches)
     lengths = torch.tensor([len(pairs[i].chosen_ids) for mb in step_batches for i in mb.pair_indices])
-    units_in_step = float(run.loss.units(lengths).sum())
+    units_in_step = run.objective.units_in_step(lengths)
     tokens = 0
     accelerator = run.accelerator
     for position, micro in enumerate(step_batches):
@@ -144,8 +137,8 @@ def evaluate(run: Run) -> dict:
         return {}
     config = run.config
     stats = score_pairs(run.model, run.data.eval.pairs, batch_size=config.eval_batch_size, layout=run.layout(),
-                        autocast=run.accelerator.autocast, reference=run.eval_reference, loss=config.loss,
-                        beta=config.beta, options=run.loss_options, chunk_tokens=config.chunk_tokens,
+                        autocast=run.accelerator.autocast, reference=run.eval_reference,
+                        objective=run.objective, beta=config.beta, chunk_tokens=config.chunk_tokens,
                         forward=run.scorer)  # every process scores every eval pair: the collectives match
     return {f"eval/{key}": value for key, value in pair_metrics(stats).items()}
 
@@ -223,7 +216,7 @@ def _run(run: Run) -> dict:
            if main else distributed.DiscardLog())
     if run.accelerator.log_with:
         run.accelerator.init_trackers(run.run_dir.name, config=config.to_dict())
-    watch = FailureModeWatch(config.loss)
+    watch = FailureModeWatch(run.objective.names)
     precision_watch = DeadZoneWatch(config.precision)
     logger.info(f"dpop: loss {config.loss}, {len(run.data.train.pairs)} pairs "
           f"from {run.data.description}, {run.total_steps} steps, precision {config.precision}, "

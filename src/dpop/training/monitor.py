@@ -63,8 +63,8 @@ class FailureModeWatch:
     """Warn once when logps/chosen_delta keeps falling below 0 while rewards/margins keep rising: the DPO
     failure mode of Pal et al. 2024 (the preferred answer becomes LESS likely as the margin grows)."""
 
-    def __init__(self, loss_name: str, window: int = 5):
-        self.loss_name = loss_name
+    def __init__(self, loss_names, window: int = 5):
+        self.loss_names = (loss_names,) if isinstance(loss_names, str) else tuple(loss_names)
         self.window = window
         self.deltas: list[float] = []
         self.margins: list[float] = []
@@ -83,7 +83,7 @@ class FailureModeWatch:
         if new_delta < 0 and new_delta < old_delta and new_margin > old_margin:
             self.fired_at = step
             fix = ("raise --dpop-lambda (λ) to hold the chosen log-prob at the reference"
-                   if self.loss_name == "dpop" else "use --loss dpop (DPO-Positive, λ = 50 by default), which "
+                   if "dpop" in self.loss_names else "use --loss dpop (DPO-Positive, λ = 50 by default), which "
                    "penalises any fall of log πθ(y_w) below the reference")
             return (f"failure-mode watch (step {step}): logps/chosen_delta has fallen to {new_delta:.3f} nats while "
                     f"rewards/margins rose to {new_margin:.3f}: the chosen answers are becoming LESS likely even "

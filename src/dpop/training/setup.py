@@ -17,7 +17,7 @@ from dpop.config import TrainConfig, make_config, resolve
 from dpop.data.order import steps_per_epoch
 from dpop.data.runs import load_run_pairs, tokenize_run_pairs
 from dpop.errors import ConfigError
-from dpop.losses import LossSpec, get_loss, loss_options
+from dpop.losses.objective import Objective, objective_of
 from dpop.scoring.logprobs import PolicyScorer, backbone_and_head
 from dpop.scoring.reference import build_reference
 from dpop.training.checkpoint import TrainState, check_run_dir, clear_run_dir
@@ -57,7 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     total_steps: int
-    loss_options: dict  # the options the loss declares, from the config (dpop_lambda, ...)
+    objective: Objective  # the loss, or the weighted losses, with their options from the config
     state: TrainState = field(default_factory=TrainState)
     scorer: torch.nn.Module | None = None  # what the engine wraps: every policy forward goes through it
     weights: precision.TrainedWeights | None = None  # the trainable parameters (bf16-sr's dither, precision/*)
@@ -66,10 +66,6 @@ class Run:
     def world_batch(self) -> int:
         """Pairs in one micro-batch of all processes together."""
         return self.config.batch_size * self.accelerator.num_processes
-
-    @property
-    def loss(self) -> LossSpec:
-        return get_loss(self.config.loss)
 
     def layout(self, **extra) -> dict:
         return dict(layout=self.config.layout, pad_id=self.tokenizer.pad_token_id,
@@ -246,7 +242,6 @@ def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     optimizer, scheduler = _make_optimizer(config, model, total_steps)
     scorer, optimizer, scheduler = accelerator.prepare(PolicyScorer(model, config.chunk_tokens),
                                                        optimizer, scheduler)
-    options = loss_options(config.loss, config.to_dict())
     return Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer,
-               scheduler, total_steps, options, state=TrainState(num_processes=accelerator.num_processes),
+               scheduler, total_steps, objective_of(config), state=TrainState(num_processes=accelerator.num_processes),
                scorer=scorer, weights=weights)

@@ -1,0 +1,117 @@
+"""What a run optimises: one registered loss, or a weighted mixture (`loss: [dpop, sft]`, `loss_weights: [1, 1]`,
+flags `--loss dpop,sft --loss-weights 1,1`, TRL's loss_type list and loss_weights).
+
+Each component keeps its own normalisation over the optimizer step, so a mixture is the weighted sum of the
+losses each component would log alone:
+
+    L_step = Σ_k w_k · (Σ_i l_k(i) / Σ_i u_k(i))
+
+with u_k a pair's units under component k (1, or its chosen tokens for sft: LossSpec.units). The training
+loop and the evaluation see an Objective and never a loss name; a single loss is a mixture of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dpop.errors import ConfigError
+from dpop.losses._common import Tensor
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """One batch: per-component per-pair losses, units and weights (dicts keyed by loss name), and the implicit
+    rewards of the first component that has them (NaN for sft alone), each (B,)."""
+
+    losses: dict[str, Tensor]
+    units: dict[str, Tensor]
+    weights: dict[str, float]
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+    def step_loss(self, units_in_step: Mapping[str, float]) -> Tensor:
+        """This batch's share of the step's loss: Σ_k w_k · Σ_i l_k(i) / (units of the whole step under k)."""
+        return sum(self.weights[name] * losses.sum() / units_in_step[name] for name, losses in self.losses.items())
+
+
+@dataclass(frozen=True)
+class Objective:
+    components: tuple  # ((LossSpec, weight), ...)
+    options: Mapping[str, float]  # every component's options
+
+    @property
+    def name(self) -> str:
+        return ",".join(spec.name for spec, _ in self.components)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec, _ in self.components)
+
+    @property
+    def uses_rejected(self) -> bool:
+        return any(spec.uses_rejected for spec, _ in self.components)
+
+    @property
+    def reference_free(self) -> bool:
+        return all(spec.reference_free for spec, _ in self.components)
+
+    def units_in_step(self, chosen_lengths: Tensor) -> dict[str, float]:
+        """Σ units over all the step's pairs, per component (`chosen_lengths`: every pair of the step)."""
+        return {spec.name: float(spec.units(chosen_lengths).sum()) for spec, _ in self.components}
+
+    def __call__(self, policy, ref, *, beta: float) -> ObjectiveOutput:
+        """Score one batch: `policy` a SequenceLogps, `ref` RefLogps or None (reference-free components)."""
+        from dpop.losses import sequence_loss
+
+        losses, units, rewards = {}, {}, None
+        for spec, _ in self.components:
+            options = {key: value for key, value in self.options.items() if key in spec.options}
+            losses[spec.name], chosen, rejected = sequence_loss(spec.name, policy, ref, beta=beta, options=options)
+            units[spec.name] = spec.units(policy.chosen_lengths)
+            if rewards is None and not bool(torch.isnan(chosen).all()):
+                rewards = (chosen, rejected)
+        if rewards is None:  # sft alone: no rewards
+            rewards = (chosen, rejected)
+        return ObjectiveOutput(losses, units, {spec.name: weight for spec, weight in self.components}, *rewards)
+
+
+def make_objective(loss: str | Sequence[str], weights: str | Sequence[float] | None = None,
+                   options: Mapping | None = None) -> Objective:
+    """An Objective from loss names ("dpop", "dpop,sft" or a list) and weights ("1,1", a list, or None = 1 each);
+    `options` a config-like mapping the components' options are picked from (missing: their defaults)."""
+    from dpop.losses import get_loss, loss_options
+
+    names = [name.strip() for name in (loss.split(",") if isinstance(loss, str) else loss) if name.strip()]
+    if not names:
+        raise ConfigError("loss: no loss given")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"loss: {','.join(names)} names a loss twice; give each once, with its weight")
+    specs = [get_loss(name) for name in names]
+    values = _weights(weights, len(names))
+    picked = {}
+    for spec in specs:
+        picked.update(loss_options(spec.name, options or {}))
+    return Objective(tuple(zip(specs, values)), picked)
+
+
+def _weights(weights, count: int) -> list[float]:
+    if weights is None or weights == "":
+        return [1.0] * count
+    items = weights.split(",") if isinstance(weights, str) else list(weights)
+    try:
+        values = [float(item) for item in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"loss_weights: expected numbers, got {weights!r}") from None
+    if len(values) != count:
+        raise ConfigError(f"loss_weights: {len(values)} weight(s) for {count} loss(es); give one weight per loss")
+    if any(not value >= 0 for value in values) or not any(values):
+        raise ConfigError(f"loss_weights: weights must be >= 0 and not all 0, got {weights!r}")
+    return values
+
+
+def objective_of(config) -> Objective:
+    """The Objective a TrainConfig names (loss, loss_weights and the loss options)."""
+    return make_objective(config.loss, config.loss_weights, config.to_dict())
