@@ -59,7 +59,7 @@ class _Accelerator:
     gather_for_metrics = gather
 
 
-def trl_dpo(loss_types, inputs, beta=BETA, loss_weights=None, label_smoothing=0.0, discopop_tau=0.05):
+def trl_dpo(loss_types, inputs, beta=BETA, loss_weights=None, label_smoothing=0.0, discopop_tau=0.05, ld_alpha=None):
     """(batch-mean loss, batch-mean chosen reward, batch-mean rejected reward) from TRL's _compute_loss."""
     lengths = torch.cat([inputs["chosen_lengths"], inputs["rejected_lengths"]])  # rows: [chosen; rejected]
     sums = torch.cat([inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]])
@@ -71,7 +71,7 @@ def trl_dpo(loss_types, inputs, beta=BETA, loss_weights=None, label_smoothing=0.
     outputs = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros_like(token_logps),
                               mean_logits=torch.zeros_like(token_logps), is_top1=torch.zeros_like(shifted).bool())
     stand_in = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
         loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
         use_weighting=False, args=SimpleNamespace(discopop_tau=discopop_tau),
@@ -245,3 +245,31 @@ def test_every_trl_pairwise_loss_is_covered():
                                                                      "sft"}
     # dpop is ours alone (TRL 1.16 has no DPOP); its form is pinned in test_losses.py.
     assert compared | {"dpop"} == set(LOSSES)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_ld_alpha_matches_trl_ld_dpo(index, alpha):
+    """LD-DPO: TRL weights the tokens of the longer response past the shorter one's length by α. Fed the same
+    per-token log-probs (each response's sum spread evenly over its tokens, as the stand-in does), our
+    reduce_token_logps gives the sums whose DPO loss is TRL's. The reference sums are given to both as they are
+    (TRL's precomputed ones)."""
+    from dpop.data.tokenize import TokenizedPair
+    from dpop.scoring.batching import collate
+    from dpop.scoring.logprobs import reduce_token_logps
+
+    inputs = one_pair(pairs(), index)
+    lengths = (int(inputs["chosen_lengths"]), int(inputs["rejected_lengths"]))
+    pair = TokenizedPair((1, 2), tuple(range(10, 10 + lengths[0])), tuple(range(30, 30 + lengths[1])))
+    batch = collate([pair], layout="plain", pad_id=0)
+    sums = torch.cat([inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]])
+    token_logps = (sums / torch.tensor(lengths, dtype=sums.dtype))[batch.sequence_index]
+    ours_logps = reduce_token_logps(token_logps, batch, ld_alpha=alpha)
+    trl_loss, _, _ = trl_dpo(["sigmoid"], inputs, ld_alpha=alpha)
+    ours_loss = preference_loss("dpo", ours_logps.chosen, ours_logps.rejected, inputs["ref_chosen_logps"],
+                                inputs["ref_rejected_logps"], beta=BETA)[0]
+    torch.testing.assert_close(ours_loss, trl_loss.reshape(1), atol=1e-9, rtol=1e-9)
+    if lengths[0] != lengths[1] and alpha == 0.0:  # the longer one's tail is gone
+        shorter = min(lengths)
+        expected = sums / torch.tensor(lengths, dtype=sums.dtype) * shorter
+        torch.testing.assert_close(torch.stack([ours_logps.chosen[0], ours_logps.rejected[0]]), expected)

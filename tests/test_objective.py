@@ -83,3 +83,22 @@ def test_a_mixture_accumulates_exactly(tiny_config):
         rows[name] = json.loads((Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("grad_norm", "loss", "loss/dpop", "loss/sft"):
         assert rows["split"][key] == pytest.approx(rows["whole"][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("ref_strategy", ["precompute", "model"])
+def test_ld_alpha_weights_policy_and_reference_alike(tiny_config, dpop_cache, ref_strategy):
+    """LD-DPO's α applies to the policy's sums and the reference's (precomputed or live): the first step starts at
+    ln 2 with zero rewards, and the sums are not the plain ones (the pairs' responses differ in length)."""
+    plain = tiny_config(f"plain-{ref_strategy}", loss="dpo", max_steps=1, batch_size=4, ref_strategy=ref_strategy)
+    weighted = tiny_config(f"ld-{ref_strategy}", loss="dpo", max_steps=1, batch_size=4, ld_alpha=0.5,
+                           ref_strategy=ref_strategy)
+    rows = {}
+    for config in (plain, weighted):
+        train(config)
+        rows[config.ld_alpha] = json.loads((Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    row = rows[0.5]
+    assert row["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert row["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and row["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert row["logps/rejected"] != pytest.approx(rows[None]["logps/rejected"], rel=1e-3)
+    if ref_strategy == "precompute":  # the weighted reference pass has its own cache entry
+        assert len(list((dpop_cache / "reference").glob("*.safetensors"))) == 2

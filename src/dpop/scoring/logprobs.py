@@ -153,24 +153,33 @@ def forward_hidden(model, batch: PairBatch) -> torch.Tensor:
     return output.last_hidden_state
 
 
-def sequence_logps(model, batch: PairBatch, *, per_token: bool = False,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
+def sequence_logps(model, batch: PairBatch, *, per_token: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   ld_alpha: float | None = None) -> SequenceLogps:
     """Sums of response-token log-probs per chosen/rejected sequence, token counts and the divergence
-    quantities, from one forward pass over `batch`."""
+    quantities, from one forward pass over `batch`. `ld_alpha`: LD-DPO's weighting (reduce_token_logps)."""
     _, head = backbone_and_head(model)
     hidden = forward_hidden(model, batch)  # (R, T, H)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (R*T, H)
     selected = flat.index_select(0, batch.hidden_index)  # (M, H): only the states that predict responses
     token_logps = token_logps_chunked(selected, batch.target_ids, head, model.config, chunk_tokens)  # (M,)
-    return reduce_token_logps(token_logps, batch, keep_tokens=per_token)
+    return reduce_token_logps(token_logps, batch, keep_tokens=per_token, ld_alpha=ld_alpha)
 
 
-def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_tokens: bool = False) -> SequenceLogps:
-    """Per-token log-probs (ordered as batch.target_ids) -> per-sequence sums and divergence quantities."""
+def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_tokens: bool = False,
+                       ld_alpha: float | None = None) -> SequenceLogps:
+    """Per-token log-probs (ordered as batch.target_ids) -> per-sequence sums and divergence quantities.
+
+    `ld_alpha` (LD-DPO, Liu et al. 2024, "Length Desensitization"): in the sums, the tokens of the longer
+    response past the shorter one's length count α times, so both sums weigh the shared length fully and a
+    long tail only by α (None = 1, plain sums). The divergence quantities stay unweighted."""
     num_pairs = batch.num_pairs
-    sums = token_logps.new_zeros(2 * num_pairs).index_add(0, batch.sequence_index, token_logps)
     is_chosen = batch.sequence_index < num_pairs
     pair = batch.sequence_index % num_pairs
+    summed = token_logps
+    if ld_alpha is not None and batch.with_rejected:
+        shared = torch.minimum(batch.chosen_lengths, batch.rejected_lengths).to(batch.token_position.device)
+        summed = token_logps * torch.where(batch.token_position >= shared[pair], ld_alpha, 1.0).to(token_logps.dtype)
+    sums = token_logps.new_zeros(2 * num_pairs).index_add(0, batch.sequence_index, summed)
     # DPOP paper, Figure 4: the tokens after the first differing one (the differing token itself is neither)
     after_divergence = is_chosen & (batch.token_position > batch.divergence[pair])
     before_divergence = is_chosen & (batch.token_position < batch.divergence[pair])
@@ -193,14 +202,15 @@ class PolicyScorer(torch.nn.Module):
     calls the decoder stack and the lm head directly, so wrapping the causal LM itself would bypass the engine
     (DDP's gradient hooks, FSDP's parameter gathering); through this module's forward they see every call."""
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int, ld_alpha: float | None = None):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.ld_alpha = ld_alpha
         # FSDP's transformer auto-wrap reads the wrapped module's _no_split_modules (the decoder layer class)
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, batch):
         from dpop.scoring.logprobs import sequence_logps
 
-        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha)

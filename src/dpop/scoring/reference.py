@@ -49,11 +49,12 @@ class LiveReference:
     itself with its LoRA adapters disabled)."""
 
     def __init__(self, model, autocast, *, disable_adapters: bool = False,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ld_alpha: float | None = None):
         self.model = model
         self.autocast = autocast
         self.disable_adapters = disable_adapters
         self.chunk_tokens = chunk_tokens
+        self.ld_alpha = ld_alpha  # LD-DPO weights the reference's sums as the policy's
 
     @torch.no_grad()
     def __call__(self, batch: PairBatch, pair_indices) -> RefLogps:
@@ -63,7 +64,7 @@ class LiveReference:
         self.model.eval()
         try:
             with adapters_off, self.autocast():
-                logps = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+                logps = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha)
         finally:
             self.model.train(was_training)
         return RefLogps(logps.chosen.float(), logps.rejected.float())
@@ -120,7 +121,7 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
         ref_model.eval()
         ref_model.requires_grad_(False)
     live = LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
-                         chunk_tokens=config.chunk_tokens)
+                         chunk_tokens=config.chunk_tokens, ld_alpha=config.ld_alpha)
     if config.ref_strategy != "precompute":
         return live, live
     layout = dict(layout=config.layout, pad_id=tokenizer.pad_token_id, pack_length=config.max_length)
@@ -169,6 +170,8 @@ def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, sche
         fingerprint["num_processes"] = processes.num_processes
     if dithered:
         fingerprint["dithered"] = dithered
+    if config.ld_alpha is not None:  # LD-DPO's weighted sums (older keys unchanged)
+        fingerprint["ld_alpha"] = config.ld_alpha
     key = cache_key(model_fingerprint=model_fingerprint(resolve_model(ref_source)),
                     pairs_fingerprint=pairs_fingerprint(pairs), schedule=fingerprint) if ref_source else None
     return precompute(live, schedule, lambda indices: make_batch(pairs, indices, **layout), len(pairs),
