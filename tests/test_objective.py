@@ -102,3 +102,11 @@ def test_ld_alpha_weights_policy_and_reference_alike(tiny_config, dpop_cache, re
     assert row["logps/rejected"] != pytest.approx(rows[None]["logps/rejected"], rel=1e-3)
     if ref_strategy == "precompute":  # the weighted reference pass has its own cache entry
         assert len(list((dpop_cache / "reference").glob("*.safetensors"))) == 2
+
+
+def test_the_docs_table_of_losses_is_the_registry():
+    """docs/losses.md's registry table is what `dpop losses --markdown` prints: regenerate it when a loss changes."""
+    from dpop.losses.table import BEGIN, END, markdown_table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
+    assert text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip() == markdown_table()

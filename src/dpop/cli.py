@@ -11,6 +11,7 @@
     dpop landscape --loss dpo|dpop --out FILE    loss surface and gradient field over (x1, x2)
     dpop bt fit TABLE.csv                        Bradley–Terry strengths and win probabilities
     dpop models fetch                            prepare the builtin model cache (what `make` runs)
+    dpop losses [--markdown]                     the registered losses, their needs, options and sources
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def _add_model_commands(sub) -> None:
     fetch.add_argument("name", nargs="?", default="smollm2-135m", help="Builtin model (default: smollm2-135m).")
     fetch.add_argument("--force", action="store_true", help="Rebuild the cache even if it checks out.")
     fetch.set_defaults(run=_run_models_fetch)
+
+
+def _add_losses_command(sub) -> None:
+    losses = sub.add_parser("losses", help="List the registered losses: what each needs, its options, its source.",
+                            description="Every loss `--loss` accepts, from the registry (dpop.losses): whether it "
+                                        "needs a reference, response lengths or only the chosen responses, each "
+                                        "option with its default and valid range, and the paper it follows.")
+    losses.add_argument("--markdown", action="store_true", help="A Markdown table (what docs/losses.md holds).")
+    losses.set_defaults(run=_run_losses)
+
+
+def _run_losses(args) -> int:
+    from dpop.losses.table import markdown_table, text_table
+
+    print(markdown_table() if args.markdown else text_table())
+    return 0
 
 
 def _add_generate_command(sub) -> None:
@@ -160,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(sub)
     _add_analysis_commands(sub)
     _add_model_commands(sub)
+    _add_losses_command(sub)
     _add_quiet(parser, argparse.SUPPRESS)
     return parser
 
@@ -328,3 +346,8 @@ def _run_command(args) -> int:
     except KeyboardInterrupt:
         print(f"dpop {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`dpop losses | head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
