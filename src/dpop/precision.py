@@ -233,6 +233,22 @@ def dither_like_policy(model, names, seed: int) -> None:
 
 
 @contextlib.contextmanager
+def reference_masters(model, names, precision: str, seed: int):
+    """A block in which a reference that carries the policy's bf16-sr dither (dither_like_policy, or a copy of
+    the dithered policy) holds its master weights, to be changed or saved; the dither is put back after."""
+    if precision != "bf16-sr":
+        yield
+        return
+    wanted = set(names)
+    named = [(name, p) for name, p in model.named_parameters() if name in wanted and _ditherable(name, p)]
+    _shift(named, seed, remove=True)
+    try:
+        yield
+    finally:
+        _shift(named, seed, remove=False)
+
+
+@contextlib.contextmanager
 def scoring_weights(models, precision: str, seed: int = 0):
     """For a block that scores fixed models under `precision`: with bf16-sr, every model's weights carry the
     dither (the same for the same weights, whichever model holds them) and lose it again afterwards, so each

@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
+from dpop.config.hardware import check_4bit_available, resolve_precision
 from dpop.errors import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -113,6 +113,12 @@ class TrainConfig:
                                            "ref_model: becomes lora, no copy); lora: the policy with its adapters "
                                            "disabled (needs lora_r > 0).",
                              choices=("precompute", "model", "lora"))
+    sync_ref_model: bool = _opt(False, "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps steps the reference "
+                                       "becomes α·policy + (1 − α)·reference (α = ref_model_mixup_alpha). Needs a live "
+                                       "reference (ref_strategy model) and a full fine-tune.")
+    ref_model_sync_steps: int = _opt(512, "TR-DPO: optimizer steps between reference updates.", minimum=1)
+    ref_model_mixup_alpha: float = _opt(0.6, "TR-DPO: α in [0, 1], the policy's share in each reference update "
+                                             "(1 = a hard copy).", minimum=0.0, maximum=1.0)
     # --- speed ---
     layout: str = _opt("shared", "Batch layout: plain (2 rows per pair), shared (prompt once, prefix sharing), "
                                  "packed (shared + several pairs per row).", choices=("plain", "shared", "packed"))
@@ -314,6 +320,10 @@ def _check_consistency(config) -> None:
     if config.lora_save != "merged" and config.lora_r == 0:
         raise ConfigError(f"lora_save {config.lora_save!r} needs LoRA on (set lora_r > 0); a full fine-tune's "
                           "final/ always holds the whole model")
+    if config.sync_ref_model and (config.ref_strategy != "model" or config.lora_r > 0):
+        raise ConfigError("sync_ref_model (TR-DPO) updates a live reference model from the policy: use "
+                          "--ref-strategy model on a full fine-tune (a precomputed reference is fixed, and a LoRA "
+                          "policy's reference is its own frozen base)")
     if config.resume and config.overwrite:
         raise ConfigError("resume and overwrite contradict each other: --resume continues the run in output_dir, "
                           "--overwrite deletes it")
@@ -324,25 +334,6 @@ def _check_consistency(config) -> None:
                               f"choose from {', '.join(TRACKERS)} or none")
     if "none" in names and len(names) > 1:
         raise ConfigError(f"report_to: 'none' cannot be combined with trackers, got {config.report_to!r}")
-
-
-def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16-sr' where the hardware has fast bf16 (AVX-512 BF16/AMX CPUs, Ampere+ GPUs), else 'fp32'."""
-    if precision != "auto":
-        return precision
-    return "bf16-sr" if has_fast_bf16() else "fp32"
-
-
-def has_fast_bf16() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -360,21 +351,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
         eval_batch_size=config.eval_batch_size or 4 * config.batch_size,
         max_prompt_length=config.max_prompt_length or config.max_length // 2,
         ref_strategy="lora" if lora_reference else config.ref_strategy)
-
-
-def check_4bit_available() -> None:
-    """QLoRA's 4-bit kernels (bitsandbytes) run on CUDA only: refuse early, before any data or model loads."""
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("lora_4bit (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit weights, and none is "
-                          "available here; drop --lora-4bit to train the same LoRA adapters on full-precision "
-                          "weights, or run on a CUDA machine")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("lora_4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes "
-                          "(or drop --lora-4bit)")
 
 
 def differences(saved: TrainConfig, given: TrainConfig, *, ignore=RESUMABLE_CHANGES) -> list[str]:

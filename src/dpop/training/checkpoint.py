@@ -24,6 +24,7 @@ import torch
 from dpop.errors import ConfigError
 
 STATE_FILE = "state.json"
+REFERENCE_FILE = "reference.safetensors"  # TR-DPO: the reference has moved since the start
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "summary.json")
 
 
@@ -190,9 +191,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, *, keep: int,
-                    rng_states: list[dict] | None = None) -> Path:
+                    rng_states: list[dict] | None = None, reference: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically. `rng_states`: every process's `rng_state()` in process order
-    (a multi-process run; default: this process's)."""
+    (a multi-process run; default: this process's). `reference`: a changing reference's weights (TR-DPO)."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -203,6 +204,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     staging.mkdir()
     weights = {name: t.contiguous().clone() for name, t in trainable_state(model).items()}
     save_file(weights, str(staging / "weights.safetensors"))
+    if reference is not None:
+        save_file(reference, str(staging / REFERENCE_FILE))
     rng_states = rng_states or [_rng_state()]
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states[0],
                 "rng_by_process": rng_states}, staging / "optimizer.pt")
@@ -228,9 +231,10 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, *, process_index: int = 0) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, process_index: int = 0,
+                    reference=None) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG (process `process_index`'s) from one checkpoint dir (raises
-    if it is damaged)."""
+    if it is damaged); `reference` (a dpop.training.sync.ReferenceSync) gets the reference's weights back."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "weights.safetensors"))
@@ -243,18 +247,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, process_index: i
         for name, param in model.named_parameters():
             if name in weights:
                 param.copy_(weights[name])
+    if reference is not None:
+        reference.load_state_dict(load_file(str(path / REFERENCE_FILE)))
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra.get("rng_by_process", [extra["rng"]])[process_index])
     return state
 
 
-def restore_latest(run_dir: Path, model, optimizer, scheduler, *,
-                   process_index: int = 0) -> tuple[TrainState, Path] | None:
+def restore_latest(run_dir: Path, model, optimizer, scheduler, *, process_index: int = 0,
+                   reference=None) -> tuple[TrainState, Path] | None:
     """Load the newest checkpoint that loads; a damaged one is skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir / "checkpoints")):
         try:
-            return load_checkpoint(path, model, optimizer, scheduler, process_index=process_index), path
+            return load_checkpoint(path, model, optimizer, scheduler, process_index=process_index,
+                                   reference=reference), path
         except Exception as error:  # truncated or corrupt files: fall back to the previous checkpoint
             warnings.warn(f"checkpoint {path} cannot be loaded ({_load_failure(error)}); trying the previous one",
                           stacklevel=2)

@@ -256,7 +256,7 @@ def _run(run: Run) -> dict:
 def _resume(run: Run) -> None:
     with run.weights.masters():  # a checkpoint holds the weights without bf16-sr's dither, which is added back
         restored = restore_latest(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer,
-                                  run.scheduler, process_index=run.accelerator.process_index)
+                                  run.scheduler, process_index=run.accelerator.process_index, reference=run.sync)
     if restored is None:
         logger.warning("dpop: %s has no loadable checkpoint; starting from step 0", run.run_dir)
         return
@@ -277,7 +277,8 @@ def _save_checkpoint(run: Run) -> Path:
     if run.accelerator.is_main_process:
         with run.weights.masters():
             save_checkpoint(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
-                            run.state, keep=run.config.keep_checkpoints, rng_states=rng_states)
+                            run.state, keep=run.config.keep_checkpoints, rng_states=rng_states,
+                            reference=run.sync.state_dict() if run.sync else None)
     return path
 
 
@@ -310,6 +311,8 @@ def _loop(run: Run, log: MetricsLog, watches, stop: StopSignals | None = None) -
         skipped_before = run.state.skipped_steps
         row = train_step(run, next(steps))
         step = run.state.step
+        if run.sync is not None:  # TR-DPO: the reference follows the policy
+            run.sync.after_step(step)
         bad_streak = bad_streak + 1 if run.state.skipped_steps > skipped_before else 0
         if step % config.log_every == 0 or step == run.total_steps or bad_streak:
             _log(run, log, {**row, "split": "train"})

@@ -61,6 +61,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     scorer: torch.nn.Module | None = None  # what the engine wraps: every policy forward goes through it
     weights: precision.TrainedWeights | None = None  # the trainable parameters (bf16-sr's dither, precision/*)
+    sync: object | None = None  # dpop.training.sync.ReferenceSync under TR-DPO's sync_ref_model
 
     @property
     def world_batch(self) -> int:
@@ -242,6 +243,11 @@ def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     optimizer, scheduler = _make_optimizer(config, model, total_steps)
     scorer, optimizer, scheduler = accelerator.prepare(PolicyScorer(model, config.chunk_tokens, config.ld_alpha),
                                                        optimizer, scheduler)
-    return Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer,
-               scheduler, total_steps, objective_of(config), state=TrainState(num_processes=accelerator.num_processes),
-               scorer=scorer, weights=weights)
+    run = Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer, scheduler,
+              total_steps, objective_of(config), state=TrainState(num_processes=accelerator.num_processes),
+              scorer=scorer, weights=weights)
+    if config.sync_ref_model:
+        from dpop.training.sync import ReferenceSync
+
+        run.sync = ReferenceSync(run)
+    return run
