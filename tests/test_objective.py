@@ -110,3 +110,21 @@ def test_the_docs_table_of_losses_is_the_registry():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
     assert text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip() == markdown_table()
+
+
+def test_wpo_weights_come_from_the_policys_own_token_distribution(tiny_config, tiny_model_dir):
+    """token_log_sum_sq is log Σ_v p_v² of the full softmax; a use_weighting run starts at ln 2 times the mean of
+    the pairs' weight products (all in (0, 1]), below ln 2."""
+    from dpop.models import load_model
+    from dpop.scoring.logprobs import backbone_and_head, token_log_sum_sq
+
+    model, _ = load_model(str(tiny_model_dir))
+    hidden = torch.randn(300, model.config.hidden_size)
+    head = backbone_and_head(model)[1]
+    expected = torch.log((torch.softmax(head(hidden).float(), dim=-1) ** 2).sum(-1))
+    torch.testing.assert_close(token_log_sum_sq(hidden, head, model.config), expected, atol=1e-5, rtol=1e-5)
+
+    config = tiny_config("wpo", loss="dpo", use_weighting=True, max_steps=1, batch_size=4)
+    train(config)
+    row = json.loads((Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < row["loss"] < 0.6931471805599453 and row["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)

@@ -65,6 +65,9 @@ class TrainConfig:
     loss: str = _opt("dpop", "Training loss (sft = cross-entropy on the chosen responses, what `dpop sft` runs); "
                              "several, comma-separated (a list in YAML), train on their weighted sum, each "
                              "logged as loss/NAME.", choices_from_losses=True, list=True)
+    use_weighting: bool = _opt(False, "WPO (Zhou et al. 2024): weight each pair's loss by how likely the current policy "
+                                      "finds its two responses (exp of their mean calibrated token log-prob; TRL's "
+                                      "use_weighting). One more pass of the lm head per step.")
     ld_alpha: float | None = _opt(None, "LD-DPO (Liu et al. 2024): weight α of the longer response's tokens past the "
                                         "shorter one's length, in the policy's and the reference's log-probs alike "
                                         "(TRL's ld_alpha; none = off, the same as 1).", minimum=0.0, maximum=1.0)

@@ -41,6 +41,7 @@ class ObjectiveOutput:
 class Objective:
     components: tuple  # ((LossSpec, weight), ...)
     options: Mapping[str, float]  # every component's options
+    use_weighting: bool = False  # WPO: each pair's losses × its sequences' weights (policy.chosen_weights, ...)
 
     @property
     def name(self) -> str:
@@ -70,6 +71,8 @@ class Objective:
         for spec, _ in self.components:
             options = {key: value for key, value in self.options.items() if key in spec.options}
             losses[spec.name], chosen, rejected = sequence_loss(spec.name, policy, ref, beta=beta, options=options)
+            if self.use_weighting:  # WPO, eq. 2: the pair's loss × w(y_w) · w(y_l), both detached
+                losses[spec.name] = losses[spec.name] * policy.chosen_weights * policy.rejected_weights
             units[spec.name] = spec.units(policy.chosen_lengths)
             if rewards is None and not bool(torch.isnan(chosen).all()):
                 rewards = (chosen, rejected)
@@ -79,7 +82,7 @@ class Objective:
 
 
 def make_objective(loss: str | Sequence[str], weights: str | Sequence[float] | None = None,
-                   options: Mapping | None = None) -> Objective:
+                   options: Mapping | None = None, *, use_weighting: bool = False) -> Objective:
     """An Objective from loss names ("dpop", "dpop,sft" or a list) and weights ("1,1", a list, or None = 1 each);
     `options` a config-like mapping the components' options are picked from (missing: their defaults)."""
     from dpop.losses import get_loss, loss_options
@@ -94,7 +97,7 @@ def make_objective(loss: str | Sequence[str], weights: str | Sequence[float] | N
     picked = {}
     for spec in specs:
         picked.update(loss_options(spec.name, options or {}))
-    return Objective(tuple(zip(specs, values)), picked)
+    return Objective(tuple(zip(specs, values)), picked, use_weighting)
 
 
 def _weights(weights, count: int) -> list[float]:
@@ -114,4 +117,4 @@ def _weights(weights, count: int) -> list[float]:
 
 def objective_of(config) -> Objective:
     """The Objective a TrainConfig names (loss, loss_weights and the loss options)."""
-    return make_objective(config.loss, config.loss_weights, config.to_dict())
+    return make_objective(config.loss, config.loss_weights, config.to_dict(), use_weighting=config.use_weighting)

@@ -33,6 +33,8 @@ class SequenceLogps:
     divergent_chosen_count: torch.Tensor  # (P,) how many such tokens
     shared_prefix: torch.Tensor  # (P,) log-prob of the response prefix chosen and rejected share
     token_logps: torch.Tensor | None = None  # (M,) per token, ordered as the batch's target_ids
+    chosen_weights: torch.Tensor | None = None  # (P,) WPO's weights (sequence_logps(wpo=True)), detached
+    rejected_weights: torch.Tensor | None = None
 
     def divergent_chosen_mean(self) -> torch.Tensor:
         """Mean per-token log-prob of y_w after the first token where y_w and y_l differ (DPOP Fig. 4);
@@ -154,15 +156,44 @@ def forward_hidden(model, batch: PairBatch) -> torch.Tensor:
 
 
 def sequence_logps(model, batch: PairBatch, *, per_token: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                   ld_alpha: float | None = None) -> SequenceLogps:
+                   ld_alpha: float | None = None, wpo: bool = False) -> SequenceLogps:
     """Sums of response-token log-probs per chosen/rejected sequence, token counts and the divergence
-    quantities, from one forward pass over `batch`. `ld_alpha`: LD-DPO's weighting (reduce_token_logps)."""
+    quantities, from one forward pass over `batch`. `ld_alpha`: LD-DPO's weighting (reduce_token_logps);
+    `wpo`: also WPO's per-sequence weights (wpo_weights)."""
     _, head = backbone_and_head(model)
     hidden = forward_hidden(model, batch)  # (R, T, H)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (R*T, H)
     selected = flat.index_select(0, batch.hidden_index)  # (M, H): only the states that predict responses
     token_logps = token_logps_chunked(selected, batch.target_ids, head, model.config, chunk_tokens)  # (M,)
-    return reduce_token_logps(token_logps, batch, keep_tokens=per_token, ld_alpha=ld_alpha)
+    logps = reduce_token_logps(token_logps, batch, keep_tokens=per_token, ld_alpha=ld_alpha)
+    if wpo:
+        logps.chosen_weights, logps.rejected_weights = wpo_weights(
+            token_logps, token_log_sum_sq(selected, head, model.config, chunk_tokens), batch)
+    return logps
+
+
+@torch.no_grad()
+def token_log_sum_sq(hidden: torch.Tensor, head, config, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """log Σ_v p(v | hidden)² per state, (M,) fp32, without a gradient: a second pass of the head over the
+    states, _SUB_ROWS at a time (what WPO's calibration needs; only runs with use_weighting)."""
+    out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], _SUB_ROWS):
+        rows = slice(start, start + _SUB_ROWS)
+        logits = _finish_logits(head(hidden[rows]), config)  # (S, V) fp32
+        out[rows] = torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def wpo_weights(token_logps: torch.Tensor, log_sum_sq: torch.Tensor, batch: PairBatch) -> tuple:
+    """WPO (Zhou et al. 2024, eq. 2, with TRL's calibration): a sequence's weight is exp of the mean over its tokens
+    of log p(y_t) − log Σ_v p(v)², the probability of the response under the current policy relative to a
+    token drawn from the policy itself; detached. (chosen weights (P,), rejected weights (P,))."""
+    num_pairs = batch.num_pairs
+    aligned = (token_logps.detach() - log_sum_sq).float()
+    sums = aligned.new_zeros(2 * num_pairs).index_add(0, batch.sequence_index, aligned)
+    lengths = torch.cat([batch.chosen_lengths, batch.rejected_lengths]).to(sums.device).clamp(min=1)
+    weights = torch.exp(sums / lengths)
+    return weights[:num_pairs], weights[num_pairs:]
 
 
 def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_tokens: bool = False,
@@ -202,15 +233,15 @@ class PolicyScorer(torch.nn.Module):
     calls the decoder stack and the lm head directly, so wrapping the causal LM itself would bypass the engine
     (DDP's gradient hooks, FSDP's parameter gathering); through this module's forward they see every call."""
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int, ld_alpha: float | None = None):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int, ld_alpha: float | None = None, wpo: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
-        self.ld_alpha = ld_alpha
+        self.ld_alpha, self.wpo = ld_alpha, wpo
         # FSDP's transformer auto-wrap reads the wrapped module's _no_split_modules (the decoder layer class)
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, batch):
         from dpop.scoring.logprobs import sequence_logps
 
-        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha)
+        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha, wpo=self.wpo)

@@ -241,7 +241,8 @@ def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
         clear_run_dir(run_dir)
     model.train()
     optimizer, scheduler = _make_optimizer(config, model, total_steps)
-    scorer, optimizer, scheduler = accelerator.prepare(PolicyScorer(model, config.chunk_tokens, config.ld_alpha),
+    scorer, optimizer, scheduler = accelerator.prepare(PolicyScorer(model, config.chunk_tokens, config.ld_alpha,
+                                                                    config.use_weighting),
                                                        optimizer, scheduler)
     run = Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer, scheduler,
               total_steps, objective_of(config), state=TrainState(num_processes=accelerator.num_processes),
