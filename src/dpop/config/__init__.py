@@ -114,8 +114,13 @@ class TrainConfig:
     ref_strategy: str = _opt("precompute", "precompute: one no-grad pass before training, cached on disk "
                                            "($DPOP_CACHE/reference); model: a live frozen copy (with LoRA and no "
                                            "ref_model: becomes lora, no copy); lora: the policy with its adapters "
-                                           "disabled (needs lora_r > 0).",
-                             choices=("precompute", "model", "lora"))
+                                           "disabled (needs lora_r > 0); guided: Pre-DPO (Pan et al. 2025), first "
+                                           "a guide run (guide_loss, in output_dir/guide) from the same policy "
+                                           "and data, then this run from the initial policy with the guide as "
+                                           "its precomputed reference.",
+                             choices=("precompute", "model", "lora", "guided"))
+    guide_loss: str = _opt("dpo", "Pre-DPO: the loss of the guide run (the paper: dpo or simpo).",
+                           choices_from_losses=True)
     sync_ref_model: bool = _opt(False, "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps steps the reference "
                                        "becomes α·policy + (1 − α)·reference (α = ref_model_mixup_alpha). Needs a live "
                                        "reference (ref_strategy model) and a full fine-tune.")
@@ -314,6 +319,8 @@ def _check_consistency(config) -> None:
                           f"leave room for the response; try max_prompt_length {config.max_length // 2}")
     if config.ref_strategy == "lora" and config.lora_r == 0:
         raise ConfigError("ref_strategy: 'lora' needs LoRA on (set lora_r > 0), or use 'precompute'")
+    if config.ref_strategy == "guided" and config.ref_model:
+        raise ConfigError("ref_strategy 'guided' trains its own reference (the guide); drop ref_model")
     if config.ref_strategy == "lora" and config.ref_model:
         raise ConfigError("ref_strategy: 'lora' uses the policy's own base weights as the reference; drop ref_model "
                           "or use ref_strategy 'precompute' or 'model'")

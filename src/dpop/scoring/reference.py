@@ -36,6 +36,7 @@ from dpop.scoring.batching import PairBatch, make_batch, ordered_batches
 from dpop.scoring.logprobs import DEFAULT_CHUNK_TOKENS, SequenceLogps, sequence_logps
 
 logger = logging.getLogger(__name__)
+GUIDE_DIR = "guide"  # a Pre-DPO run's guide run, inside its run dir
 
 
 @dataclass
@@ -102,17 +103,18 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
         if config.ref_model:
             logger.warning("dpop: loss %s uses no reference model; ref_model %s is ignored", config.loss, config.ref_model)
         return None, None
-    if config.ref_model:
+    ref_path = guide_model(config) if config.ref_strategy == "guided" else config.ref_model
+    if ref_path:
         from dpop.models import load_model
 
-        ref_model, ref_tokenizer = load_model(config.ref_model, trust_remote_code=config.trust_remote_code)
-        check_same_tokenizer(tokenizer, ref_tokenizer, config.ref_model)
+        ref_model, ref_tokenizer = load_model(ref_path, trust_remote_code=config.trust_remote_code)
+        check_same_tokenizer(tokenizer, ref_tokenizer, ref_path)
         device = next(model.parameters()).device
         prepare_model(ref_model, config.precision, device)  # the same arithmetic as the policy's
         if config.precision == "bf16-sr":  # the same weights as the policy's start, if it is the same model
             dither_like_policy(ref_model, trainable_names(model), config.seed)
         ref_model.to(device)
-        ref_source = config.ref_model
+        ref_source = ref_path
     elif config.ref_strategy == "model":
         ref_model, ref_source = copy.deepcopy(model), config.model if policy_on_disk else None
     else:  # precompute from the policy itself, or lora: the policy with its adapters disabled
@@ -122,7 +124,7 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
         ref_model.requires_grad_(False)
     live = LiveReference(ref_model, autocast, disable_adapters=hasattr(ref_model, "disable_adapter"),
                          chunk_tokens=config.chunk_tokens, ld_alpha=config.ld_alpha)
-    if config.ref_strategy != "precompute":
+    if config.ref_strategy not in ("precompute", "guided"):
         return live, live
     layout = dict(layout=config.layout, pad_id=tokenizer.pad_token_id, pack_length=config.max_length)
     # bf16-sr dithered the policy's trainable parameters (all of them, or a LoRA's adapters alone) by seed
@@ -177,6 +179,11 @@ def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, sche
     return precompute(live, schedule, lambda indices: make_batch(pairs, indices, **layout), len(pairs),
                       cache_path=cache_path_for(key) if key else None, description=f"reference pass ({split})",
                       processes=processes)
+
+
+def guide_model(config) -> str:
+    """Pre-DPO's reference: the guide run's final model (dpop.training.guided trains it first)."""
+    return str(Path(config.output_dir) / GUIDE_DIR / "final")
 
 
 def trainable_names(model) -> list[str]:

@@ -47,7 +47,11 @@ def check_run_dir(config) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} exists and is not a directory")
     _check_creatable(run_dir)
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    from dpop.scoring.reference import GUIDE_DIR
+
+    # a Pre-DPO run's guide, trained first into the run dir, does not occupy it for the run itself
+    guided = config.ref_strategy == "guided"
+    occupied = run_dir.is_dir() and any(not (guided and p.name == GUIDE_DIR) for p in run_dir.iterdir())
     if occupied and not (config.resume or config.overwrite):
         raise ConfigError(f"output_dir {run_dir} already holds files; pass --resume to continue that run, "
                           "--overwrite to replace it, or choose another --output-dir")

@@ -184,6 +184,10 @@ def train(config: TrainConfig | Mapping | None = None, *, model=None, tokenizer=
     values = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     config = make_config({**values, **overrides})
     inputs = RunInputs(model, tokenizer, data, eval_data)
+    if config.ref_strategy == "guided":  # Pre-DPO: the guide run first (dpop.training.guided)
+        from dpop.training.guided import run_guide
+
+        config = run_guide(config, inputs)
     keep_freed_memory()
     with precision.fp32_attention_scope():
         try:
