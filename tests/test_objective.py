@@ -106,7 +106,7 @@ def test_ld_alpha_weights_policy_and_reference_alike(tiny_config, dpop_cache, re
 
 def test_the_docs_table_of_losses_is_the_registry():
     """docs/losses.md's registry table is what `dpop losses --markdown` prints: regenerate it when a loss changes."""
-    from dpop.losses.table import BEGIN, END, markdown_table
+    from dpop.reporting.registry import BEGIN, END, markdown_table
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
     assert text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip() == markdown_table()

@@ -86,7 +86,7 @@ def _add_losses_command(sub) -> None:
 
 
 def _run_losses(args) -> int:
-    from dpop.losses.table import markdown_table, text_table
+    from dpop.reporting.registry import markdown_table, text_table
 
     print(markdown_table() if args.markdown else text_table())
     return 0
