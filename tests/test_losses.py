@@ -33,7 +33,7 @@ def example(**overrides):
     """The table above as float64 tensors (a fresh copy each call, so tests may set requires_grad)."""
     values = dict(policy_chosen_logps=[-10.0, -13.0], policy_rejected_logps=[-14.0, -15.0],
                   ref_chosen_logps=[-11.0, -11.0], ref_rejected_logps=[-12.0, -12.0],
-                  chosen_lengths=[2, 4], rejected_lengths=[4, 3])
+                  chosen_lengths=[2, 4], rejected_lengths=[4, 3], chosen_kl=[0.25, 0.5], rejected_kl=[1.0, 0.125])
     values.update(overrides)
     return {key: torch.tensor(value, dtype=torch.int64 if "lengths" in key else torch.float64)
             for key, value in values.items()}
@@ -44,7 +44,7 @@ def run(name, beta=BETA, inputs=None, **options):
     return preference_loss(name, inputs["policy_chosen_logps"], inputs["policy_rejected_logps"],
                            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], beta=beta,
                            chosen_lengths=inputs["chosen_lengths"], rejected_lengths=inputs["rejected_lengths"],
-                           **options)
+                           chosen_kl=inputs.get("chosen_kl"), rejected_kl=inputs.get("rejected_kl"), **options)
 
 
 def assert_values(actual, expected, atol=1e-6):
@@ -397,7 +397,8 @@ def test_every_loss_runs_through_the_loop_path(name):
     losses, chosen, rejected = preference_loss(
         config["loss"], policy_chosen, policy_rejected, inputs["ref_chosen_logps"].float(),
         inputs["ref_rejected_logps"].float(), beta=config["beta"], chosen_lengths=inputs["chosen_lengths"],
-        rejected_lengths=inputs["rejected_lengths"], **loss_options(config["loss"], config))
+        rejected_lengths=inputs["rejected_lengths"], chosen_kl=inputs["chosen_kl"], rejected_kl=inputs["rejected_kl"],
+        **loss_options(config["loss"], config))
     assert losses.shape == chosen.shape == rejected.shape == (2,)
     assert not chosen.requires_grad and not rejected.requires_grad
     losses.mean().backward()
@@ -423,8 +424,9 @@ def test_extreme_margins_stay_finite(name):
     policy_rejected = torch.tensor([-4000.0, -1.0, -5.0], requires_grad=True)
     reference = torch.tensor([-20.0, -20.0, -5.0])
     lengths = torch.tensor([1, 1, 5])
+    kl = torch.tensor([0.0, 3000.0, 0.5])
     losses, _, _ = preference_loss(name, policy_chosen, policy_rejected, reference, reference, beta=1.0,
-                                   chosen_lengths=lengths, rejected_lengths=lengths)
+                                   chosen_lengths=lengths, rejected_lengths=lengths, chosen_kl=kl, rejected_kl=kl)
     losses.sum().backward()
     assert torch.isfinite(losses).all(), losses
     assert torch.isfinite(policy_chosen.grad).all()
@@ -434,7 +436,8 @@ def test_extreme_margins_stay_finite(name):
 # ---- the registry ------------------------------------------------------------------------------------------
 
 EXPECTED_NAMES = {"dpo", "dpop", "ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "cpo", "orpo", "bco_pair",
-                  "sppo_hard", "nca_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "aot", "sigmoid_norm", "sft"}
+                  "sppo_hard", "nca_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "aot", "sigmoid_norm", "sft",
+                  "tdpo1", "tdpo2"}
 
 
 def test_registry_contents():
@@ -445,7 +448,7 @@ def test_registry_contents():
                                                                  "orpo"}
     assert loss_option_defaults() == {"dpop_lambda": 50.0, "label_smoothing": 0.0, "rpo_alpha": 1.0,
                                       "simpo_gamma": 0.5, "cpo_alpha": 1.0, "exo_epsilon": 1e-3,
-                                      "discopop_tau": 0.05}
+                                      "discopop_tau": 0.05, "tdpo_alpha": 0.5}
     for name, spec in LOSSES.items():
         assert spec.name == name and spec.citation
         doc = spec.fn.__doc__
@@ -514,3 +517,35 @@ def test_loss_options_picks_declared_options_and_defaults():
         loss_options("dpoop", config)
     with pytest.raises(ConfigError, match="must be a number"):
         loss_options("dpop", {"dpop_lambda": "x"})
+
+
+# ---- TDPO ------------------------------------------------------------------------------------------------
+
+def test_tdpo_by_hand():
+    """example(): lw − rw = [1, −2], ll − rl = [−2, −3], so Δ = [3, 1]; D_w = [0.25, 0.5], D_l = [1, 0.125]; β = 0.5.
+    TDPO1: −log σ(0.5·(Δ − (D_l − D_w))) = −log σ([1.125, 0.6875]); TDPO2 (α 0.5): −log σ(0.5·(Δ − 0.5·(D_l − D_w)))
+    = −log σ([1.3125, 0.59375])."""
+    softplus = torch.nn.functional.softplus
+    assert_values(run("tdpo1")[0], softplus(-torch.tensor([1.125, 0.6875], dtype=torch.float64)).tolist())
+    assert_values(run("tdpo2")[0], softplus(-torch.tensor([1.3125, 0.59375], dtype=torch.float64)).tolist())
+    assert_values(run("tdpo2", tdpo_alpha=0.0)[0], run("dpo")[0].tolist())  # α = 0 is DPO
+
+
+def test_tdpo2_holds_the_chosen_kl_fixed_and_tdpo1_does_not():
+    grads = {}
+    for name in ("tdpo1", "tdpo2"):
+        inputs = example()
+        inputs["chosen_kl"].requires_grad_(True)
+        inputs["rejected_kl"].requires_grad_(True)
+        run(name, inputs=inputs)[0].sum().backward()
+        grads[name] = inputs["chosen_kl"].grad, inputs["rejected_kl"].grad
+    assert grads["tdpo2"][0] is None and (grads["tdpo2"][1] > 0).all()
+    assert (grads["tdpo1"][0] < 0).all() and (grads["tdpo1"][1] > 0).all()
+
+
+def test_tdpo_starts_at_ln2():
+    zeros = torch.zeros(2, dtype=torch.float64)
+    inputs = example(policy_chosen_logps=[-11.0, -11.0], policy_rejected_logps=[-12.0, -12.0])
+    inputs.update(chosen_kl=zeros, rejected_kl=zeros)
+    for name in ("tdpo1", "tdpo2"):
+        assert_values(run(name, inputs=inputs)[0], [math.log(2)] * 2)

@@ -83,6 +83,7 @@ class TrainConfig:
     cpo_alpha: float | None = _loss_opt("cpo_alpha")
     exo_epsilon: float | None = _loss_opt("exo_epsilon")
     discopop_tau: float | None = _loss_opt("discopop_tau")
+    tdpo_alpha: float | None = _loss_opt("tdpo_alpha")
     # --- optimisation ---
     learning_rate: float = _opt(1e-6, "Peak learning rate.", exclusive_minimum=0.0)
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
@@ -312,7 +313,11 @@ def make_config(values: dict[str, Any], base: type = TrainConfig):
 def _check_consistency(config) -> None:
     from dpop.losses.objective import make_objective
 
-    make_objective(config.loss, config.loss_weights)  # one weight per loss, each loss once
+    objective = make_objective(config.loss, config.loss_weights)  # one weight per loss, each loss once
+    if objective.needs_kl and config.ref_strategy in ("precompute", "guided"):
+        raise ConfigError(f"loss {config.loss}: TDPO's sequential KL needs the reference's full token distributions "
+                          "at every step, which a precomputed cache does not hold; use --ref-strategy model (a "
+                          "live frozen copy), or lora with LoRA")
     prompt_limit = config.max_prompt_length
     if prompt_limit is not None and prompt_limit >= config.max_length:
         raise ConfigError(f"max_prompt_length ({prompt_limit}) must be below max_length ({config.max_length}) to "

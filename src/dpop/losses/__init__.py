@@ -38,6 +38,8 @@ from dpop.losses.reference_based import (
     robust_loss,
     rpo_loss,
     sigmoid_norm_loss,
+    tdpo1_loss,
+    tdpo2_loss,
 )
 from dpop.losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
 from dpop.losses.trl_pairwise import (
@@ -68,6 +70,7 @@ class LossSpec:
     citation: str
     uses_rejected: bool = True  # False: only prompt + chosen are scored (rejected log-probs are NaN)
     per_token: bool = False  # a step's loss is Σ losses / Σ |y_w| (chosen tokens) instead of the mean over pairs
+    needs_kl: bool = False  # needs the sequential token KLs D_SeqKL(πref ‖ πθ) (a live reference's distributions)
 
     def units(self, chosen_lengths: Tensor) -> Tensor:
         """What each pair counts for in a step's loss: 1, or its chosen tokens for a per-token loss. A step's
@@ -80,7 +83,7 @@ class LossSpec:
 # What each option means, once (dpop.losses.options); `--help` and the config docs are generated from it.
 OPTION_HELP: dict[str, str] = {name: option.help for name, option in OPTIONS.items()}
 
-_NOT_OPTIONS = {"beta", "chosen_lengths", "rejected_lengths"}
+_NOT_OPTIONS = {"beta", "chosen_lengths", "rejected_lengths", "chosen_kl", "rejected_kl"}
 
 
 def _spec(name: str, fn: Callable[..., LossOutput], citation: str, **flags: bool) -> LossSpec:
@@ -91,7 +94,8 @@ def _spec(name: str, fn: Callable[..., LossOutput], citation: str, **flags: bool
     keywords = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
     options = {key: float(default) for key, default in keywords.items() if key not in _NOT_OPTIONS}
     return LossSpec(name=name, fn=fn, options=options, reference_free=len(positional) == 2,
-                    needs_lengths="chosen_lengths" in keywords, citation=citation, **flags)
+                    needs_lengths="chosen_lengths" in keywords, needs_kl="chosen_kl" in keywords, citation=citation,
+                    **flags)
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
@@ -113,6 +117,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
     _spec("apo_down", apo_down_loss, "D'Oosterlinck et al. 2024 (APO), eq. 8"),
     _spec("discopop", discopop_loss, "Lu et al. 2024 (DiscoPOP), eq. 5"),
     _spec("aot", aot_loss, "Melnyk et al. 2024 (AOT), paired, hard sorting, logistic loss"),
+    _spec("tdpo1", tdpo1_loss, "Zeng et al. 2024 (TDPO), eq. 17"),
+    _spec("tdpo2", tdpo2_loss, "Zeng et al. 2024 (TDPO), eq. 18"),
     _spec("sft", sft_loss, "supervised fine-tuning: cross-entropy per chosen token (what `dpop sft` runs)",
           uses_rejected=False, per_token=True),
     _spec("sigmoid_norm", sigmoid_norm_loss,
@@ -175,6 +181,7 @@ def _check_tensors(name: str, tensors: dict[str, Tensor | None]) -> None:
 def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                     ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *, beta: float,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                    chosen_kl: Tensor | None = None, rejected_kl: Tensor | None = None,
                     **options: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair (losses, chosen_rewards, rejected_rewards), each shape (B,), of the loss registered as `name`.
 
@@ -184,6 +191,7 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
         ref_chosen_logps, ref_rejected_logps: the same under πref; may be None for a reference-free loss.
         beta: β > 0 (ORPO: the weight λ of its odds-ratio term).
         chosen_lengths, rejected_lengths: response token counts; required when the loss needs_lengths.
+        chosen_kl, rejected_kl: Σ_t KL(πref ‖ πθ) over each response's tokens; required when the loss needs_kl.
         **options: the loss's options (see LOSSES[name].options); omitted ones take their defaults.
     Raises:
         ConfigError: unknown loss or option, or a value out of range (user-fixable).
@@ -209,6 +217,10 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss {name!r} needs chosen_lengths and rejected_lengths (response token counts)")
         values.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if spec.needs_kl:
+        if chosen_kl is None or rejected_kl is None:
+            raise ValueError(f"loss {name!r} needs chosen_kl and rejected_kl (sequential token KLs to the reference)")
+        values.update(chosen_kl=chosen_kl, rejected_kl=rejected_kl)
     _check_tensors(name, {"policy_chosen_logps": policy_chosen_logps,
                           "policy_rejected_logps": policy_rejected_logps,
                           "ref_chosen_logps": ref_chosen_logps if not spec.reference_free else None,
@@ -224,7 +236,8 @@ def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, 
     for a reference-free loss."""
     return preference_loss(name, policy.chosen, policy.rejected, ref.chosen if ref is not None else None,
                            ref.rejected if ref is not None else None, beta=beta, chosen_lengths=policy.chosen_lengths,
-                           rejected_lengths=policy.rejected_lengths, **(options or {}))
+                           rejected_lengths=policy.rejected_lengths, chosen_kl=getattr(policy, "chosen_kl", None),
+                           rejected_kl=getattr(policy, "rejected_kl", None), **(options or {}))
 
 
 from dpop.losses.objective import Objective, make_objective, objective_of  # noqa: E402 (uses the registry above)

@@ -56,6 +56,11 @@ class Objective:
         return any(spec.uses_rejected for spec, _ in self.components)
 
     @property
+    def needs_kl(self) -> bool:
+        """Whether a component needs the sequential token KLs, and so the live reference's distributions."""
+        return any(spec.needs_kl for spec, _ in self.components)
+
+    @property
     def reference_free(self) -> bool:
         return all(spec.reference_free for spec, _ in self.components)
 

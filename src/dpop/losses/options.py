@@ -47,6 +47,8 @@ OPTIONS: dict[str, Option] = {
                         low=0.0),
     "exo_epsilon": Option("EXO's ε in (0, 1): label smoothing of the target distribution (paper: 1e-3)",
                           low=0.0, high=1.0, low_open=True, high_open=True),
+    "tdpo_alpha": Option("TDPO2's α ≥ 0: weight of the sequential-KL term D_SeqKL(y_l) − sg(D_SeqKL(y_w)) (paper: 0.5)",
+                         low=0.0),
     "discopop_tau": Option("DiscoPOP's τ > 0: temperature of the logistic/exponential mixing weight "
                            "(paper: 0.05)", low=0.0, low_open=True),
 }

@@ -169,3 +169,30 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_log
     losses = -F.logsigmoid(beta * h)
     return losses, *implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                      ref_rejected_logps, beta)
+
+
+def tdpo1_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+               chosen_kl: Tensor, rejected_kl: Tensor) -> LossOutput:
+    """TDPO1: −log σ(β·(Δ − (D_l − D_w))). Zeng et al. 2024 (Token-level Direct Preference Optimization), eq. 17,
+    with D_w = D_SeqKL(x, y_w; πref ‖ πθ) = Σ_t KL(πref(·|x, y_w,<t) ‖ πθ(·|x, y_w,<t)) and D_l alike: the token
+    KLs over the full vocabulary, summed over each response. Δ on log-prob SUMS; rewards as DPO's."""
+    margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = -F.logsigmoid(beta * (margin - (as_float(rejected_kl) - as_float(chosen_kl))))
+    return losses, *implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                     ref_rejected_logps, beta)
+
+
+def tdpo2_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+               chosen_kl: Tensor, rejected_kl: Tensor, tdpo_alpha: float = 0.5) -> LossOutput:
+    """TDPO2: −log σ(β·(Δ − α·(D_l − sg(D_w)))). Zeng et al. 2024, eq. 18: as TDPO1 with the chosen response's
+    sequential KL detached and the KL term scaled by α. Δ on log-prob SUMS; rewards as DPO's.
+
+    Args:
+        tdpo_alpha: α ≥ 0, weight of the KL term (the paper's 0.5).
+    """
+    check_option("tdpo_alpha", tdpo_alpha, loss="tdpo2")
+    margin = logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    kl_term = as_float(rejected_kl) - as_float(chosen_kl).detach()
+    losses = -F.logsigmoid(beta * (margin - tdpo_alpha * kl_term))
+    return losses, *implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                     ref_rejected_logps, beta)

@@ -35,6 +35,10 @@ class SequenceLogps:
     token_logps: torch.Tensor | None = None  # (M,) per token, ordered as the batch's target_ids
     chosen_weights: torch.Tensor | None = None  # (P,) WPO's weights (sequence_logps(wpo=True)), detached
     rejected_weights: torch.Tensor | None = None
+    chosen_kl: torch.Tensor | None = None  # (P,) Σ_t KL(πref ‖ πθ) over y_w's tokens (sequence_logps(kl_target=...))
+    rejected_kl: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # (M, H) the states that predict response tokens (keep_hidden), detached
+    head: torch.nn.Module | None = None  # the lm head that reads them
 
     def divergent_chosen_mean(self) -> torch.Tensor:
         """Mean per-token log-prob of y_w after the first token where y_w and y_l differ (DPOP Fig. 4);
@@ -156,10 +160,13 @@ def forward_hidden(model, batch: PairBatch) -> torch.Tensor:
 
 
 def sequence_logps(model, batch: PairBatch, *, per_token: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                   ld_alpha: float | None = None, wpo: bool = False) -> SequenceLogps:
+                   ld_alpha: float | None = None, wpo: bool = False, keep_hidden: bool = False,
+                   kl_target: SequenceLogps | None = None) -> SequenceLogps:
     """Sums of response-token log-probs per chosen/rejected sequence, token counts and the divergence
     quantities, from one forward pass over `batch`. `ld_alpha`: LD-DPO's weighting (reduce_token_logps);
-    `wpo`: also WPO's per-sequence weights (wpo_weights)."""
+    `wpo`: also WPO's per-sequence weights (wpo_weights); `keep_hidden`: keep the response states and the head
+    (a reference's, for TDPO); `kl_target`: such a reference's SequenceLogps of the same batch, to sum the token
+    KLs KL(πref ‖ πθ) over each response (sequence_kl)."""
     _, head = backbone_and_head(model)
     hidden = forward_hidden(model, batch)  # (R, T, H)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (R*T, H)
@@ -169,7 +176,35 @@ def sequence_logps(model, batch: PairBatch, *, per_token: bool = False, chunk_to
     if wpo:
         logps.chosen_weights, logps.rejected_weights = wpo_weights(
             token_logps, token_log_sum_sq(selected, head, model.config, chunk_tokens), batch)
+    if keep_hidden:
+        logps.hidden, logps.head = selected.detach(), head
+    if kl_target is not None:
+        token_kl = token_kl_chunked(selected, head, kl_target.hidden, kl_target.head, model.config, chunk_tokens)
+        sums = token_kl.new_zeros(2 * batch.num_pairs).index_add(0, batch.sequence_index, token_kl)
+        logps.chosen_kl, logps.rejected_kl = sums[:batch.num_pairs], sums[batch.num_pairs:]
     return logps
+
+
+def _chunk_kl(hidden, ref_hidden, head, ref_head, config) -> torch.Tensor:
+    log_p = torch.log_softmax(_finish_logits(head(hidden), config), dim=-1)  # (C, V) fp32, the policy's
+    with torch.no_grad():
+        log_q = torch.log_softmax(_finish_logits(ref_head(ref_hidden), config), dim=-1)  # the reference's
+    return (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(q ‖ p) per token
+
+
+def token_kl_chunked(hidden, head, ref_hidden, ref_head, config, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """KL(πref(·|s) ‖ πθ(·|s)) over the full vocabulary for each of the (M, H) states, (M,) fp32, chunk by chunk;
+    with a gradient the chunk is recomputed in backward (checkpoint), so no (M, V) tensor is kept."""
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        if recompute:
+            pieces.append(checkpoint(_chunk_kl, hidden[rows], ref_hidden[rows], head, ref_head, config,
+                                     use_reentrant=False))
+        else:
+            pieces.append(_chunk_kl(hidden[rows], ref_hidden[rows], head, ref_head, config))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -241,7 +276,6 @@ class PolicyScorer(torch.nn.Module):
         # FSDP's transformer auto-wrap reads the wrapped module's _no_split_modules (the decoder layer class)
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, batch):
-        from dpop.scoring.logprobs import sequence_logps
-
-        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha, wpo=self.wpo)
+    def forward(self, batch, kl_target=None):
+        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha, wpo=self.wpo,
+                              kl_target=kl_target)

@@ -47,10 +47,17 @@ def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, refere
     try:
         for batch, indices in ordered_batches(pairs, batch_size, **layout):
             batch = batch.to(device)
+            target = None
+            if objective is not None and objective.needs_kl:  # TDPO: a live reference's states, before the policy
+                target = reference(batch, indices, keep_hidden=True)
             with autocast():
-                policy = (forward(batch) if forward is not None else
-                          sequence_logps(model, batch, chunk_tokens=chunk_tokens))
-            if isinstance(reference, OwnReference):
+                if forward is None:
+                    policy = sequence_logps(model, batch, chunk_tokens=chunk_tokens, kl_target=target)
+                else:
+                    policy = forward(batch, kl_target=target) if target is not None else forward(batch)
+            if target is not None:
+                ref = target
+            elif isinstance(reference, OwnReference):
                 ref = reference.record(indices, policy)
             else:
                 ref = reference(batch, indices) if reference is not None else None

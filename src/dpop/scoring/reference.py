@@ -58,16 +58,21 @@ class LiveReference:
         self.ld_alpha = ld_alpha  # LD-DPO weights the reference's sums as the policy's
 
     @torch.no_grad()
-    def __call__(self, batch: PairBatch, pair_indices) -> RefLogps:
+    def __call__(self, batch: PairBatch, pair_indices, *, keep_hidden: bool = False):
+        """RefLogps; with `keep_hidden` the whole SequenceLogps, response states and head kept (TDPO's KL)."""
         adapters_off = self.model.disable_adapter() if self.disable_adapters else contextlib.nullcontext()
         batch = batch.to(next(self.model.parameters()).device)
         was_training = self.model.training  # the policy itself (lora) is in train mode: no dropout here
         self.model.eval()
         try:
             with adapters_off, self.autocast():
-                logps = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha)
+                logps = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, ld_alpha=self.ld_alpha,
+                                       keep_hidden=keep_hidden)
         finally:
             self.model.train(was_training)
+        if keep_hidden:
+            logps.chosen, logps.rejected = logps.chosen.float(), logps.rejected.float()
+            return logps
         return RefLogps(logps.chosen.float(), logps.rejected.float())
 
 

@@ -60,11 +60,14 @@ def _micro_batch_loss(run: Run, micro, stats: PairStats, units_in_step: dict[str
                                                 accelerator.num_processes)
     batch = make_batch(pairs, indices, **run.layout(with_rejected=run.objective.uses_rejected))
     batch = batch.to(accelerator.device)
+    needs_kl = run.objective.needs_kl  # TDPO: the reference first, its states for the token KLs
+    ref = run.reference(batch, indices, keep_hidden=True) if needs_kl else None
     with accelerator.autocast():
-        policy = run.scorer(batch)  # (P,) sums
+        policy = run.scorer(batch, kl_target=ref) if needs_kl else run.scorer(batch)  # (P,) sums
     if not weight:  # an empty share of a short batch: the forward and backward the collectives need, adding 0
         return policy.chosen.sum() * 0.0, 0
-    ref = run.reference(batch, indices) if run.reference is not None else None
+    if ref is None and run.reference is not None:
+        ref = run.reference(batch, indices)
     output = record_scored(stats, run.objective, policy, ref, beta=config.beta)
     # The engines AVERAGE gradients over processes; × num_processes turns that average into the sum over all
     # the step's pairs / units_in_step, the single-process gradient (dpop.distributed).
