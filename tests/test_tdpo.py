@@ -49,3 +49,16 @@ def test_a_precomputed_reference_is_refused():
         with pytest.raises(ConfigError, match="full token distributions"):
             make_config({"loss": "tdpo2", "ref_strategy": strategy})
     make_config({"loss": "tdpo2", "ref_strategy": "model"})
+
+
+def test_tdpo_accumulates_exactly(tiny_config):
+    """Batch 4 × 1 and 2 × 2: the same first step (grad norm and logged loss)."""
+    rows = {}
+    for name, batch, accum in (("whole", 4, 1), ("split", 2, 2)):
+        config = tiny_config(f"tdpo-{name}", loss="tdpo2", ref_strategy="model", max_steps=2, batch_size=batch,
+                             grad_accum=accum, learning_rate=1e-3)
+        train(config)
+        rows[name] = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    for step in range(2):
+        for key in ("grad_norm", "loss"):
+            assert rows["split"][step][key] == pytest.approx(rows["whole"][step][key], rel=1e-4), (step, key)
