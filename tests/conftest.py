@@ -19,6 +19,15 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def dpop_messages_on_stdout():
+    """dpop's messages printed as the CLI prints them (dpop.cli.configure_logging), whatever test runs first: tests
+    that call the library directly read them from stdout as CLI tests do."""
+    from dpop.cli import configure_logging
+
+    configure_logging()
+
+
 @pytest.fixture
 def dpop_cache(tmp_path, monkeypatch) -> Path:
     """A private $DPOP_CACHE, so reference caches and fingerprints never leak between tests or into ~/.cache."""

@@ -228,8 +228,13 @@ def _shift(named, seed: int, *, remove: bool = False) -> None:
 def dither_like_policy(model, names, seed: int) -> None:
     """Give a separately loaded reference model the dither the policy's bf16-sr start gave the parameters in
     `names` (the policy's trainable ones), so the same weights compute the same values."""
+    _shift(_dithered_like_policy(model, names), seed)
+
+
+def _dithered_like_policy(model, names) -> list:
+    """The (name, parameter)s of `model` that carry the policy's dither: those in `names` that are ditherable."""
     wanted = set(names)
-    _shift([(name, p) for name, p in model.named_parameters() if name in wanted and _ditherable(name, p)], seed)
+    return [(name, p) for name, p in model.named_parameters() if name in wanted and _ditherable(name, p)]
 
 
 @contextlib.contextmanager
@@ -239,8 +244,7 @@ def reference_masters(model, names, precision: str, seed: int):
     if precision != "bf16-sr":
         yield
         return
-    wanted = set(names)
-    named = [(name, p) for name, p in model.named_parameters() if name in wanted and _ditherable(name, p)]
+    named = _dithered_like_policy(model, names)
     _shift(named, seed, remove=True)
     try:
         yield
