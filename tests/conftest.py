@@ -19,10 +19,11 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def dpop_messages_on_stdout():
-    """dpop's messages printed as the CLI prints them (dpop.cli.configure_logging), whatever test runs first: tests
-    that call the library directly read them from stdout as CLI tests do."""
+    """dpop's messages printed as the CLI prints them (dpop.cli.configure_logging), set again before every test:
+    tests that call the library directly read them from stdout as CLI tests do, whatever ran before (a --quiet
+    CLI call, which keeps only warnings)."""
     from dpop.cli import configure_logging
 
     configure_logging()
