@@ -272,3 +272,28 @@ def test_a_worker_leaves_with_its_code_and_its_output_flushed():
     env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert (done.returncode, done.stdout, done.stderr) == (3, "done\n", "warned\n")
+
+
+def test_two_processes_sum_kto_reference_point_over_their_rows(tiny_config, tiny_model_saver, tiny_model_dir,
+                                                              tmp_path):
+    """KTO's z0 is a mean over the micro-batch's rows on EVERY process: 25 unpaired rows against a different
+    reference (z0 > 0 from the start), 2 micro-batches of 2 x 2 per step; the 7th micro-batch holds ONE row, so
+    the second process joins the z0 sum with nothing (weight 0)."""
+    from dpop.data import pairs_from_rows
+    from dpop.data.unpaired import unpair
+    from dpop.tasks.arithmetic import make_pairs
+
+    unpaired = unpair(pairs_from_rows(make_pairs(13, edit="low", seed=0)).pairs, where="test")[:25]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": list(row.prompt), "completion": list(row.chosen),
+                                          "label": row.desirable}) for row in unpaired))
+    policy = tiny_model_saver(tmp_path / "policy", seed=5)  # y' likelier under it than under the reference
+    common = dict(loss="kto", learning_rate=1e-4, max_steps=4, grad_accum=2, data=str(data), model=str(policy),
+                  ref_model=str(tiny_model_dir))
+    one = tiny_config("one", batch_size=4, **common)
+    two = tiny_config("two", batch_size=2, num_processes=2, **common)
+    train(one)
+    run_cli("train", *flags(two))
+    assert [r["pairs_seen"] for r in rows(two)] == [8, 16, 24, 25]
+    assert all(r["kto/z0"] > 0 for r in rows(two))
+    assert_same_run(one, two, tolerance=1e-5)

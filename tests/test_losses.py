@@ -33,10 +33,11 @@ def example(**overrides):
     """The table above as float64 tensors (a fresh copy each call, so tests may set requires_grad)."""
     values = dict(policy_chosen_logps=[-10.0, -13.0], policy_rejected_logps=[-14.0, -15.0],
                   ref_chosen_logps=[-11.0, -11.0], ref_rejected_logps=[-12.0, -12.0],
-                  chosen_lengths=[2, 4], rejected_lengths=[4, 3], chosen_kl=[0.25, 0.5], rejected_kl=[1.0, 0.125])
+                  chosen_lengths=[2, 4], rejected_lengths=[4, 3], chosen_kl=[0.25, 0.5], rejected_kl=[1.0, 0.125],
+                  desirable=[True, False])  # desirable: labels for an unpaired loss (kto), which reads the rows so
     values.update(overrides)
-    return {key: torch.tensor(value, dtype=torch.int64 if "lengths" in key else torch.float64)
-            for key, value in values.items()}
+    kinds = {"chosen_lengths": torch.int64, "rejected_lengths": torch.int64, "desirable": torch.bool}
+    return {key: torch.tensor(value, dtype=kinds.get(key, torch.float64)) for key, value in values.items()}
 
 
 def run(name, beta=BETA, inputs=None, **options):
@@ -44,7 +45,8 @@ def run(name, beta=BETA, inputs=None, **options):
     return preference_loss(name, inputs["policy_chosen_logps"], inputs["policy_rejected_logps"],
                            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], beta=beta,
                            chosen_lengths=inputs["chosen_lengths"], rejected_lengths=inputs["rejected_lengths"],
-                           chosen_kl=inputs.get("chosen_kl"), rejected_kl=inputs.get("rejected_kl"), **options)
+                           chosen_kl=inputs.get("chosen_kl"), rejected_kl=inputs.get("rejected_kl"),
+                           desirable=inputs.get("desirable"), **options)
 
 
 def assert_values(actual, expected, atol=1e-6):
@@ -398,7 +400,7 @@ def test_every_loss_runs_through_the_loop_path(name):
         config["loss"], policy_chosen, policy_rejected, inputs["ref_chosen_logps"].float(),
         inputs["ref_rejected_logps"].float(), beta=config["beta"], chosen_lengths=inputs["chosen_lengths"],
         rejected_lengths=inputs["rejected_lengths"], chosen_kl=inputs["chosen_kl"], rejected_kl=inputs["rejected_kl"],
-        **loss_options(config["loss"], config))
+        desirable=inputs["desirable"], **loss_options(config["loss"], config))
     assert losses.shape == chosen.shape == rejected.shape == (2,)
     assert not chosen.requires_grad and not rejected.requires_grad
     losses.mean().backward()
@@ -426,18 +428,21 @@ def test_extreme_margins_stay_finite(name):
     lengths = torch.tensor([1, 1, 5])
     kl = torch.tensor([0.0, 3000.0, 0.5])
     losses, _, _ = preference_loss(name, policy_chosen, policy_rejected, reference, reference, beta=1.0,
-                                   chosen_lengths=lengths, rejected_lengths=lengths, chosen_kl=kl, rejected_kl=kl)
+                                   chosen_lengths=lengths, rejected_lengths=lengths, chosen_kl=kl, rejected_kl=kl,
+                                   desirable=torch.tensor([True, False, True]))
     losses.sum().backward()
     assert torch.isfinite(losses).all(), losses
     assert torch.isfinite(policy_chosen.grad).all()
-    assert torch.isfinite(policy_rejected.grad).all() if LOSSES[name].uses_rejected else policy_rejected.grad is None
+    # kto's y' (its "rejected") only enters the detached z0; sft does not score a rejected answer
+    graded = LOSSES[name].uses_rejected and not LOSSES[name].unpaired
+    assert torch.isfinite(policy_rejected.grad).all() if graded else policy_rejected.grad is None
 
 
 # ---- the registry ------------------------------------------------------------------------------------------
 
 EXPECTED_NAMES = {"dpo", "dpop", "ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "cpo", "orpo", "bco_pair",
                   "sppo_hard", "nca_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "aot", "sigmoid_norm", "sft",
-                  "tdpo1", "tdpo2"}
+                  "tdpo1", "tdpo2", "kto"}
 
 
 def test_registry_contents():
@@ -448,7 +453,9 @@ def test_registry_contents():
                                                                  "orpo"}
     assert loss_option_defaults() == {"dpop_lambda": 50.0, "label_smoothing": 0.0, "rpo_alpha": 1.0,
                                       "simpo_gamma": 0.5, "cpo_alpha": 1.0, "exo_epsilon": 1e-3,
-                                      "discopop_tau": 0.05, "tdpo_alpha": 0.5}
+                                      "discopop_tau": 0.05, "tdpo_alpha": 0.5, "desirable_weight": 1.0,
+                                      "undesirable_weight": 1.0}
+    assert {n for n, s in LOSSES.items() if s.unpaired} == {"kto"}
     for name, spec in LOSSES.items():
         assert spec.name == name and spec.citation
         doc = spec.fn.__doc__

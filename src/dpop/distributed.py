@@ -224,6 +224,13 @@ def gather_step(stats, tokens: int, processes):
     return merged, sum(count for _, count in everyone)
 
 
+def sum_over_processes(processes):
+    """A function tensor -> its sum over every process (a collective each must call), or None on one process."""
+    if processes.num_processes == 1:
+        return None
+    return lambda tensor: processes.reduce(tensor, reduction="sum")
+
+
 def from_main(value, processes):
     """The main process's `value` on every process (a collective: every process calls it)."""
     from accelerate.utils import broadcast_object_list

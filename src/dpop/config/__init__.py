@@ -57,6 +57,8 @@ class TrainConfig:
     ranked_pairs: str = _opt("best_worst", "Pairs from ranked rows (completions with scores): best_worst (the "
                                            "highest against the lowest score) or all (every pair of different "
                                            "scores).", choices=("best_worst", "all"))
+    unpair: bool = _opt(False, "Split each preference pair into two unpaired rows, the chosen answer desirable and "
+                               "the rejected one not (for kto; TRL's unpair_preference_dataset).")
     task_pairs: int = _opt(1000, "Pairs generated for the builtin task when no data is given.", minimum=1)
     task_edit: str = _opt("low", "Edit distance of the builtin task's rejected answers.", choices=("low", "high"))
     task_split: str = _opt("train", "The builtin task's split of problems to train on (dpop sft: sft; the eval "
@@ -84,6 +86,8 @@ class TrainConfig:
     exo_epsilon: float | None = _loss_opt("exo_epsilon")
     discopop_tau: float | None = _loss_opt("discopop_tau")
     tdpo_alpha: float | None = _loss_opt("tdpo_alpha")
+    desirable_weight: float | None = _loss_opt("desirable_weight")
+    undesirable_weight: float | None = _loss_opt("undesirable_weight")
     # --- optimisation ---
     learning_rate: float = _opt(1e-6, "Peak learning rate.", exclusive_minimum=0.0)
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "rmsprop"))
@@ -304,51 +308,12 @@ def make_config(values: dict[str, Any], base: type = TrainConfig):
         resolved[name] = value
     config = base(**resolved)
     if isinstance(config, TrainConfig):
-        _check_consistency(config)
+        from dpop.config.checks import check_consistency
+
+        check_consistency(config)
     elif hasattr(config, "check"):  # a command's config (dpop.config.commands)
         config.check()
     return config
-
-
-def _check_consistency(config) -> None:
-    from dpop.losses.objective import make_objective
-
-    objective = make_objective(config.loss, config.loss_weights)  # one weight per loss, each loss once
-    if objective.needs_kl and config.ref_strategy in ("precompute", "guided"):
-        raise ConfigError(f"loss {config.loss}: TDPO's sequential KL needs the reference's full token distributions "
-                          "at every step, which a precomputed cache does not hold; use --ref-strategy model (a "
-                          "live frozen copy), or lora with LoRA")
-    prompt_limit = config.max_prompt_length
-    if prompt_limit is not None and prompt_limit >= config.max_length:
-        raise ConfigError(f"max_prompt_length ({prompt_limit}) must be below max_length ({config.max_length}) to "
-                          f"leave room for the response; try max_prompt_length {config.max_length // 2}")
-    if config.ref_strategy == "lora" and config.lora_r == 0:
-        raise ConfigError("ref_strategy: 'lora' needs LoRA on (set lora_r > 0), or use 'precompute'")
-    if config.ref_strategy == "guided" and config.ref_model:
-        raise ConfigError("ref_strategy 'guided' trains its own reference (the guide); drop ref_model")
-    if config.ref_strategy == "lora" and config.ref_model:
-        raise ConfigError("ref_strategy: 'lora' uses the policy's own base weights as the reference; drop ref_model "
-                          "or use ref_strategy 'precompute' or 'model'")
-    for name in ("lora_dora", "lora_4bit"):
-        if getattr(config, name) and config.lora_r == 0:
-            raise ConfigError(f"{name} needs LoRA on: set lora_r > 0 (e.g. --lora-r 16)")
-    if config.lora_save != "merged" and config.lora_r == 0:
-        raise ConfigError(f"lora_save {config.lora_save!r} needs LoRA on (set lora_r > 0); a full fine-tune's "
-                          "final/ always holds the whole model")
-    if config.sync_ref_model and (config.ref_strategy != "model" or config.lora_r > 0):
-        raise ConfigError("sync_ref_model (TR-DPO) updates a live reference model from the policy: use "
-                          "--ref-strategy model on a full fine-tune (a precomputed reference is fixed, and a LoRA "
-                          "policy's reference is its own frozen base)")
-    if config.resume and config.overwrite:
-        raise ConfigError("resume and overwrite contradict each other: --resume continues the run in output_dir, "
-                          "--overwrite deletes it")
-    names = _split_list(config.report_to)
-    for name in names:
-        if name not in (*TRACKERS, "none"):
-            raise ConfigError(f"report_to: unknown tracker '{name}'{_suggest(name, TRACKERS)}; "
-                              f"choose from {', '.join(TRACKERS)} or none")
-    if "none" in names and len(names) > 1:
-        raise ConfigError(f"report_to: 'none' cannot be combined with trackers, got {config.report_to!r}")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -384,8 +349,9 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
         if not sep or not ours.strip() or not theirs.strip():
             raise ConfigError(f"columns: expected 'field=column' items separated by commas, got {item!r}")
         mapping[ours.strip()] = theirs.strip()
-    unknown = set(mapping) - {"prompt", "chosen", "rejected", "completions"}
+    fields = ("prompt", "chosen", "rejected", "completions", "completion", "label")  # dpop.data.rows.FIELDS
+    unknown = set(mapping) - set(fields)
     if unknown:
         raise ConfigError(f"columns: unknown field(s) {', '.join(sorted(unknown))}; "
-                          "mappable fields are prompt, chosen, rejected, completions")
+                          f"mappable fields are {', '.join(fields)}")
     return mapping

@@ -2,7 +2,8 @@
 
 The headline number is the normalised character edit distance between chosen and rejected: when pairs
 differ in a few characters (the DPOP paper's low-edit-distance regime), DPO tends to LOWER the chosen
-answer's likelihood while the margin grows, and dpop is the loss to use.
+answer's likelihood while the margin grows, and dpop is the loss to use. Unpaired rows (KTO) have no edit
+distance: the report counts their labels and checks their balance against the KTO paper's recommendation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class DoctorReport:
     token_lengths: dict  # "prompt"/"chosen"/"rejected" -> list[int]
     dropped_by_tokenizer: dict
     advice: list[str]
+    labels: tuple[int, int] | None = None  # unpaired rows: (desirable, undesirable); None for pairs
 
 
 def _response_text(value) -> str:
@@ -50,20 +52,24 @@ def examine(path, *, tokenizer=None, columns=None, split=None, max_length: int =
     from dpop.data import load_pairs
     from dpop.data.textdiff import normalized_edit_distance
     from dpop.data.tokenize import tokenize_pair, truncate_pair
+    from dpop.data.unpaired import label_counts
 
     loaded = load_pairs(path, columns=columns, split=split)
     pairs = loaded.pairs
-    triples = Counter((_key(p.prompt), _key(p.chosen), _key(p.rejected)) for p in pairs)
+    unpaired = bool(pairs) and pairs[0].unpaired  # a row's `rejected` is then its KL completion, not data
+    triples = Counter((_key(p.prompt), _key(p.chosen), p.desirable if unpaired else _key(p.rejected)) for p in pairs)
     prompts = Counter(_key(p.prompt) for p in pairs)
-    distances = [normalized_edit_distance(_response_text(p.chosen), _response_text(p.rejected)) for p in pairs]
-    lengths = {"prompt": [], "chosen": [], "rejected": []}
+    distances = [] if unpaired else [normalized_edit_distance(_response_text(p.chosen), _response_text(p.rejected))
+                                     for p in pairs]
+    lengths = {"prompt": [], "completion": []} if unpaired else {"prompt": [], "chosen": [], "rejected": []}
     dropped = Counter()
     if tokenizer is not None:
         for pair in pairs:
             tokenized = tokenize_pair(pair, tokenizer)
             lengths["prompt"].append(len(tokenized.prompt_ids))
-            lengths["chosen"].append(len(tokenized.chosen_ids))
-            lengths["rejected"].append(len(tokenized.rejected_ids))
+            lengths["completion" if unpaired else "chosen"].append(len(tokenized.chosen_ids))
+            if not unpaired:
+                lengths["rejected"].append(len(tokenized.rejected_ids))
             _, _, reason = truncate_pair(tokenized, max_length=max_length, max_prompt_length=max_prompt_length,
                                          bos_id=tokenizer.bos_token_id)
             if reason:
@@ -73,12 +79,20 @@ def examine(path, *, tokenizer=None, columns=None, split=None, max_length: int =
         conversational=sum(p.conversational for p in pairs),
         duplicate_pairs=sum(n - 1 for n in triples.values() if n > 1),
         duplicate_prompts=sum(n - 1 for n in prompts.values() if n > 1),
-        edit_distances=distances, token_lengths=lengths, dropped_by_tokenizer=dict(dropped), advice=[])
+        edit_distances=distances, token_lengths=lengths, dropped_by_tokenizer=dict(dropped), advice=[],
+        labels=label_counts(pairs) if unpaired else None)
     return _with_advice(report, max_length)
 
 
 def _with_advice(report: DoctorReport, max_length: int) -> DoctorReport:
     advice = []
+    if report.labels:
+        desirable, undesirable = report.labels
+        ratio = desirable / undesirable if undesirable else float("inf")
+        balance = ("within" if 1 <= ratio <= 4 / 3 else "outside") + " the KTO paper's [1, 4/3] at unit weights"
+        advice.append(f"Unpaired rows ({desirable} desirable, {undesirable} undesirable; ratio {ratio:.3g}, "
+                      f"{balance}): train them with --loss kto, balancing with --desirable-weight / "
+                      "--undesirable-weight.")
     if report.edit_distances:
         median = statistics.median(report.edit_distances)
         low_share = sum(d < LOW_EDIT for d in report.edit_distances) / len(report.edit_distances)
@@ -99,7 +113,7 @@ def _with_advice(report: DoctorReport, max_length: int) -> DoctorReport:
         advice.append("At max_length " + str(max_length) + ", training would drop: " + ", ".join(
             f"{n} ({reason})" for reason, n in report.dropped_by_tokenizer.items())
             + "; raise --max-length or shorten the prompts.")
-    chosen = report.token_lengths.get("chosen") or []
+    chosen = report.token_lengths.get("chosen") or report.token_lengths.get("completion") or []
     if chosen and percentiles(chosen)[99] > max_length // 2:
         advice.append(f"Long responses (p99 {percentiles(chosen)[99]} tokens): the shared/packed layouts "
                       "and bf16 keep memory in check.")
@@ -107,17 +121,20 @@ def _with_advice(report: DoctorReport, max_length: int) -> DoctorReport:
 
 
 def format_report(report: DoctorReport) -> str:
-    lines = [f"{report.path}: {report.rows_read} rows read, {report.pairs} pairs "
+    kind = (f"unpaired rows ({report.labels[0]} desirable, {report.labels[1]} undesirable)" if report.labels
+            else "pairs")
+    lines = [f"{report.path}: {report.rows_read} rows read, {report.pairs} {kind} "
              f"({report.conversational} conversational), all rows valid"]
     if report.skipped:
         lines.append("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in report.skipped.items()))
     else:
         lines.append("skipped: none (no chosen == rejected rows)")
-    lines.append(f"duplicates: {report.duplicate_pairs} identical pairs, {report.duplicate_prompts} repeated prompts")
+    lines.append(f"duplicates: {report.duplicate_pairs} identical {'rows' if report.labels else 'pairs'}, "
+                 f"{report.duplicate_prompts} repeated prompts")
     if report.token_lengths.get("prompt"):
         lines.append("token lengths (p0 / p50 / p90 / p99 / max):")
         for part, values in report.token_lengths.items():
-            lines.append(f"  {part:<9}" + " / ".join(str(v) for v in percentiles(values).values()))
+            lines.append(f"  {part:<11}" + " / ".join(str(v) for v in percentiles(values).values()))
     if report.edit_distances:
         points = percentiles(report.edit_distances, (0, 10, 50, 90, 100))
         lines.append("chosen vs rejected normalised edit distance (p0 / p10 / p50 / p90 / max): "

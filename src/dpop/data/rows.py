@@ -35,9 +35,18 @@ holds rows of ONE of these shapes (one example each, as a JSON Lines row):
    order); tied completions are never paired. A row with fewer than 2 distinct scores is skipped and
    counted. The pair's metadata records ``chosen_score`` and ``rejected_score``.
 
+5. unpaired (KTO): a prompt, one completion and a boolean ``label`` (true: desirable), text or messages (the
+   completion then holds assistant turns)::
+
+       {"prompt": "2 + 3 =", "completion": " 5", "label": true}
+
+   Each row is held as a PreferencePair whose ``chosen`` is the completion, ``rejected`` the completion of a row
+   with another prompt (KTO's mismatched pair for its reference point: dpop.data.unpaired) and ``desirable`` the
+   label. A file needs rows with at least 2 different prompts. In CSV the label cell reads true or false.
+
 Rules:
 
-- ``columns`` maps our field names (prompt, chosen, rejected, completions) to the file's:
+- ``columns`` maps our field names (prompt, chosen, rejected, completions, completion, label) to the file's:
   ``{"prompt": "question", "chosen": "good"}``. A mapped column that the file does not have is an error.
   Problems name the file's column: ``field 'good' (as chosen)``. A file with a header or schema (CSV,
   Parquet, datasets) that lacks a column every row needs is one error listing the file's columns.
@@ -68,9 +77,10 @@ from typing import Any
 from dpop.data.pairs import LoadedPairs
 from dpop.data.readers import Record, Records, file_error, read_records, type_name
 from dpop.data.shapes import HANDLERS, Outcome, Row
+from dpop.data.unpaired import with_kl_completions
 from dpop.errors import ConfigError, DataError
 
-FIELDS = ("prompt", "chosen", "rejected", "completions")
+FIELDS = ("prompt", "chosen", "rejected", "completions", "completion", "label")
 RANKED_PAIRS = ("best_worst", "all")
 
 
@@ -142,6 +152,8 @@ def build_pairs(records: Records, *, columns: Mapping[str, str] | None = None,
                                 "use one shape per file")
     if out.problems:
         raise DataError(out.problems, header=f"invalid rows in {records.path}")
+    if family == "unpaired" and out.pairs:
+        out.pairs = with_kl_completions(out.pairs, where=records.path)
     if not out.pairs:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in out.skipped.items())
         raise file_error(f"{records.path}: no pairs left: every row was skipped ({reasons}); each row must "
@@ -187,7 +199,12 @@ def _check_needed_columns(records: Records, mapping: _Columns) -> None:
     present = records.columns
     if present is None:  # JSON rows each have their own keys: checked row by row
         return
-    needed = ("prompt",) if mapping.names["completions"] in present else ("chosen", "rejected")
+    if mapping.names["completions"] in present:
+        needed = ("prompt",)
+    elif mapping.names["completion"] in present or mapping.names["label"] in present:
+        needed = ("prompt", "completion", "label")
+    else:
+        needed = ("chosen", "rejected")
     missing = [mapping.names[name] for name in needed if mapping.names[name] not in present]
     if missing:
         shown = ", ".join(map(str, present[:30])) + (", ..." if len(present) > 30 else "")
@@ -224,8 +241,9 @@ _SHAPES = {
     "implicit conversation": ("implicit", "messages"),
     "chosen/rejected": ("implicit", None),  # a chosen that is neither text nor messages
     "ranked": ("ranked", None),
+    "unpaired": ("unpaired", None),  # prompt, completion, label (KTO)
 }
-_DEFINITE = ("explicit", "conversational", "implicit text", "implicit conversation", "ranked")
+_DEFINITE = ("explicit", "conversational", "implicit text", "implicit conversation", "ranked", "unpaired")
 
 
 def _shape(values: Mapping[str, Any]) -> str:
@@ -236,6 +254,8 @@ def _shape(values: Mapping[str, Any]) -> str:
     """
     if values.get("completions") is not None:
         return "ranked"
+    if values.get("completion") is not None or values.get("label") is not None:
+        return "unpaired"
     prompt, chosen = values.get("prompt"), values.get("chosen")
     if prompt is not None:
         if chosen is None and values.get("rejected") is None:
@@ -260,6 +280,6 @@ def _compatible(row_shape: str, file_shape: str) -> bool:
     if row_shape == file_shape or (row_family == file_family and row_kind is None):
         return True
     if row_family == "implicit":  # no prompt: a row of a prompted or ranked file that lacks it
-        return file_family != "implicit"
-    return row_family == "partial" and file_family in ("prompted", "ranked")
+        return file_family not in ("implicit", "unpaired")
+    return row_family == "partial" and file_family in ("prompted", "ranked", "unpaired")
 

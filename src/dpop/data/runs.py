@@ -60,9 +60,61 @@ class RunPairs:
 
 
 def load_run_pairs(config, data=None, eval_data=None) -> RunPairs:
-    """Validate every row of the train (and eval) data, or make the builtin task. Runs before any model
-    is loaded, so bad data is reported at once. `data`, `eval_data`: pairs in memory (see _load), used in
-    place of config.data and config.eval_data."""
+    """Validate every row of the train (and eval) data, or make the builtin task, and check that the loss can train
+    on it (pairs, or unpaired rows for kto; config.unpair splits pairs). Runs before any model is loaded, so bad
+    data is reported at once. `data`, `eval_data`: pairs in memory (see _load), used in place of config.data and
+    config.eval_data."""
+    pairs = _load_run_pairs(config, data, eval_data)
+    if config.unpair:
+        from dpop.data.unpaired import unpair
+
+        pairs = RunPairs(unpair(pairs.train, where=pairs.description),
+                         unpair(pairs.eval, where="eval data") if pairs.eval else pairs.eval, pairs.description)
+    for name, rows in (("train", pairs.train), ("eval", pairs.eval)):
+        if rows:
+            _check_kind(rows, config, name)
+    if any(row.unpaired for row in pairs.train):
+        _check_label_balance(pairs.train, config)
+    return pairs
+
+
+def _check_kind(rows, config, name: str) -> None:
+    from dpop.errors import ConfigError
+    from dpop.losses import make_objective
+
+    unpaired = sum(1 for row in rows if row.unpaired)
+    objective = make_objective(config.loss, config.loss_weights)
+    if objective.unpaired and unpaired < len(rows):
+        raise ConfigError(f"loss {config.loss} trains on unpaired rows ({{prompt, completion, label}}); the {name} "
+                          "data holds preference pairs: add --unpair (unpair: true) to split each pair into a "
+                          "desirable and an undesirable row")
+    if not objective.unpaired and unpaired:
+        raise ConfigError(f"loss {config.loss} trains on preference pairs; the {name} data holds unpaired rows "
+                          "(prompt, completion, label): train them with --loss kto")
+
+
+def _check_label_balance(rows, config) -> None:
+    """KTO paper §4.2: λ_D·n_D / (λ_U·n_U) should lie in [1, 4/3]; warn with the weights that would bring it there."""
+    from dpop.data.unpaired import label_counts
+    from dpop.losses import loss_options
+
+    desirable, undesirable = label_counts(rows)
+    options = loss_options("kto", config)
+    wanted_d, wanted_u = options["desirable_weight"], options["undesirable_weight"]
+    logger.info("dpop: %d desirable and %d undesirable rows", desirable, undesirable)
+    if not desirable or not undesirable:
+        logger.warning("dpop: KTO data with only %s rows: the loss then only pushes %s", "desirable" if desirable
+                       else "undesirable", "up" if desirable else "down")
+        return
+    ratio = wanted_d * desirable / (wanted_u * undesirable) if wanted_u else float("inf")
+    if not 1.0 <= ratio <= 4 / 3:
+        low, high = undesirable * wanted_u / desirable, undesirable * wanted_u / desirable * 4 / 3
+        logger.warning("dpop: desirable_weight·n_desirable / (undesirable_weight·n_undesirable) = %.3g "
+                       "(%g·%d / (%g·%d)); the KTO paper recommends [1, 4/3]: e.g. desirable_weight in "
+                       "[%.3g, %.3g]", ratio, wanted_d, desirable, wanted_u, undesirable, low, high)
+
+
+def _load_run_pairs(config, data=None, eval_data=None) -> RunPairs:
     evaluation_source = eval_data if eval_data is not None else config.eval_data
     evaluation = _load(evaluation_source, config, "eval_data") if evaluation_source is not None else None
     if data is not None:

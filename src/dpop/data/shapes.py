@@ -1,5 +1,6 @@
-"""One handler per row family (prompted, implicit, ranked) turns a validated row into pairs, or records its problems;
-`dpop.data.rows` documents the shapes and runs the handlers. Every check of a field's content lives here."""
+"""One handler per row family (prompted, implicit, ranked, unpaired) turns a validated row into pairs, or records
+its problems; `dpop.data.rows` documents the shapes and runs the handlers. Every check of a field's content
+lives here."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Row:
         raw = record.row
         values = {ours: raw[theirs] for ours, theirs in columns.names.items() if theirs in raw}
         if decode_json:
-            values = {key: _decode_cell(value) for key, value in values.items()}
+            values = {key: _decode_cell(value, key) for key, value in values.items()}
         metadata = {key: value for key, value in raw.items() if key not in columns.used}
         return Row(record.where, values, columns.labels, metadata)
 
@@ -56,8 +57,11 @@ class Row:
         out.problems.append(f"{self.where}: field {self.labels[name]}: {reason}")
 
 
-def _decode_cell(value: Any) -> Any:
-    """A CSV cell holding a JSON list of objects (or one object) becomes that value; anything else stays."""
+def _decode_cell(value: Any, name: str = "") -> Any:
+    """A CSV cell holding a JSON list of objects (or one object) becomes that value, a label cell "true" or
+    "false" (any case) a bool; anything else stays."""
+    if name == "label" and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     if not isinstance(value, str) or value.lstrip()[:1] not in ("[", "{"):
         return value
     try:
@@ -290,6 +294,30 @@ def _completion(item: Any) -> tuple[str | None, tuple[str, float] | None]:
     return None, (text, score)
 
 
+def _unpaired(row: Row, out: Outcome, kind: str | None, ranked_pairs: str) -> None:
+    """A KTO row: its completion goes in `chosen` (and, until dpop.data.unpaired gives it its y', `rejected`)."""
+    prompt = _field(row, "prompt", out, None, response=False)
+    completion = _field(row, "completion", out, None, response=True)
+    label = _label(row, out)
+    if prompt is not None and (reason := _prompt_problem(prompt)):
+        return row.problem(out, "prompt", reason)
+    if prompt is None or completion is None or label is None:
+        return None
+    if isinstance(prompt, str) != isinstance(completion, str):
+        return row.problem(out, "completion", "is not of the same kind (text or messages) as the prompt")
+    out.pairs.append(PreferencePair(prompt, completion, completion, row.where, dict(row.metadata), desirable=label))
+
+
+def _label(row: Row, out: Outcome) -> bool | None:
+    if "label" not in row.values:
+        return row.problem(out, "label", "missing")
+    value = row.values["label"]
+    if not isinstance(value, bool):
+        return row.problem(out, "label", f"expected true (desirable) or false (undesirable), got "
+                           f"{type_name(value)} {value!r}")
+    return value
+
+
 def _add_pair(out: Outcome, row: Row, prompt, chosen, rejected, metadata: Mapping[str, Any]) -> None:
     if chosen == rejected:
         out.skipped[SKIP_IDENTICAL] += 1
@@ -297,4 +325,5 @@ def _add_pair(out: Outcome, row: Row, prompt, chosen, rejected, metadata: Mappin
         out.pairs.append(PreferencePair(prompt, chosen, rejected, row.where, dict(metadata)))
 
 
-HANDLERS = {"prompted": _prompted, "partial": _prompted, "implicit": _implicit, "ranked": _ranked}
+HANDLERS = {"prompted": _prompted, "partial": _prompted, "implicit": _implicit, "ranked": _ranked,
+            "unpaired": _unpaired}

@@ -29,6 +29,7 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     source: str = ""
     metadata: dict = field(default_factory=dict, compare=False)
+    desirable: bool | None = None  # an unpaired row's label (KTO): chosen = its completion, rejected = a KL completion
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +97,7 @@ def tokenize_pair(pair, tokenizer) -> TokenizedPair:
         rejected_ids=tuple(_response_ids(tokenizer, pair.prompt, prompt_text, pair.rejected)),
         source=getattr(pair, "source", ""),
         metadata=dict(getattr(pair, "metadata", {}) or {}),
+        desirable=getattr(pair, "desirable", None),
     )
 
 
@@ -116,9 +118,9 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
     truncated = truncated or len(chosen) < len(pair.chosen_ids) or len(rejected) < len(pair.rejected_ids)
     if not chosen or not rejected:
         return None, truncated, "empty response after tokenization"
-    if chosen == rejected:
+    if chosen == rejected and pair.desirable is None:  # an unpaired row's KL completion may equal its own
         return None, truncated, "chosen and rejected identical after truncation"
-    kept = TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.source, pair.metadata)
+    kept = TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.source, pair.metadata, pair.desirable)
     return kept, truncated, None
 
 

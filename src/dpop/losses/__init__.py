@@ -52,8 +52,9 @@ from dpop.losses.trl_pairwise import (
     nca_pair_loss,
     sppo_hard_loss,
 )
+from dpop.losses.unpaired import kto_loss, kto_reference_point
 
-__all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss",
+__all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss", "kto_reference_point",
            "loss_option_defaults", "loss_options", "make_objective", "Objective", "objective_of", "preference_loss",
            "sequence_loss"]
 
@@ -71,6 +72,7 @@ class LossSpec:
     uses_rejected: bool = True  # False: only prompt + chosen are scored (rejected log-probs are NaN)
     per_token: bool = False  # a step's loss is Σ losses / Σ |y_w| (chosen tokens) instead of the mean over pairs
     needs_kl: bool = False  # needs the sequential token KLs D_SeqKL(πref ‖ πθ) (a live reference's distributions)
+    unpaired: bool = False  # trains on unpaired rows: labels, chosen = the completion, rejected = a mismatched y'
 
     def units(self, chosen_lengths: Tensor) -> Tensor:
         """What each pair counts for in a step's loss: 1, or its chosen tokens for a per-token loss. A step's
@@ -83,7 +85,8 @@ class LossSpec:
 # What each option means, once (dpop.losses.options); `--help` and the config docs are generated from it.
 OPTION_HELP: dict[str, str] = {name: option.help for name, option in OPTIONS.items()}
 
-_NOT_OPTIONS = {"beta", "chosen_lengths", "rejected_lengths", "chosen_kl", "rejected_kl"}
+_NOT_OPTIONS = {"beta", "chosen_lengths", "rejected_lengths", "chosen_kl", "rejected_kl", "desirable",
+                "reference_point"}
 
 
 def _spec(name: str, fn: Callable[..., LossOutput], citation: str, **flags: bool) -> LossSpec:
@@ -94,8 +97,8 @@ def _spec(name: str, fn: Callable[..., LossOutput], citation: str, **flags: bool
     keywords = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
     options = {key: float(default) for key, default in keywords.items() if key not in _NOT_OPTIONS}
     return LossSpec(name=name, fn=fn, options=options, reference_free=len(positional) == 2,
-                    needs_lengths="chosen_lengths" in keywords, needs_kl="chosen_kl" in keywords, citation=citation,
-                    **flags)
+                    needs_lengths="chosen_lengths" in keywords, needs_kl="chosen_kl" in keywords,
+                    unpaired="desirable" in keywords, citation=citation, **flags)
 
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
@@ -119,6 +122,7 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
     _spec("aot", aot_loss, "Melnyk et al. 2024 (AOT), paired, hard sorting, logistic loss"),
     _spec("tdpo1", tdpo1_loss, "Zeng et al. 2024 (TDPO), eq. 17"),
     _spec("tdpo2", tdpo2_loss, "Zeng et al. 2024 (TDPO), eq. 18"),
+    _spec("kto", kto_loss, "Ethayarajh et al. 2024 (KTO), eqs. 7–8, on unpaired rows"),
     _spec("sft", sft_loss, "supervised fine-tuning: cross-entropy per chosen token (what `dpop sft` runs)",
           uses_rejected=False, per_token=True),
     _spec("sigmoid_norm", sigmoid_norm_loss,
@@ -182,6 +186,7 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
                     ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *, beta: float,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
                     chosen_kl: Tensor | None = None, rejected_kl: Tensor | None = None,
+                    desirable: Tensor | None = None, reference_point: Tensor | None = None,
                     **options: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair (losses, chosen_rewards, rejected_rewards), each shape (B,), of the loss registered as `name`.
 
@@ -192,6 +197,9 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
         beta: β > 0 (ORPO: the weight λ of its odds-ratio term).
         chosen_lengths, rejected_lengths: response token counts; required when the loss needs_lengths.
         chosen_kl, rejected_kl: Σ_t KL(πref ‖ πθ) over each response's tokens; required when the loss needs_kl.
+        desirable: (B,) bool labels of unpaired rows, required by an unpaired loss (kto), whose "chosen" inputs are
+            each row's completion and "rejected" inputs its mismatched completion y' (dpop.data.unpaired);
+            reference_point: its z0 (None: from this batch alone).
         **options: the loss's options (see LOSSES[name].options); omitted ones take their defaults.
     Raises:
         ConfigError: unknown loss or option, or a value out of range (user-fixable).
@@ -221,6 +229,10 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
         if chosen_kl is None or rejected_kl is None:
             raise ValueError(f"loss {name!r} needs chosen_kl and rejected_kl (sequential token KLs to the reference)")
         values.update(chosen_kl=chosen_kl, rejected_kl=rejected_kl)
+    if spec.unpaired:
+        if desirable is None:
+            raise ValueError(f"loss {name!r} trains on unpaired rows: desirable (their labels) is required")
+        values.update(desirable=desirable, reference_point=reference_point)
     _check_tensors(name, {"policy_chosen_logps": policy_chosen_logps,
                           "policy_rejected_logps": policy_rejected_logps,
                           "ref_chosen_logps": ref_chosen_logps if not spec.reference_free else None,
@@ -230,14 +242,16 @@ def preference_loss(name: str, policy_chosen_logps: Tensor, policy_rejected_logp
     return spec.fn(*args, beta=beta, **values)
 
 
-def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, float] | None = None):
+def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, float] | None = None,
+                  reference_point: Tensor | None = None):
     """preference_loss on scored sequences: `policy` and `ref` carry .chosen and .rejected log-prob sums (B,)
     (dpop.scoring.logprobs.SequenceLogps, dpop.scoring.reference.RefLogps); `policy` also the token counts; `ref` may be None
-    for a reference-free loss."""
+    for a reference-free loss; `reference_point`: KTO's z0 (dpop.losses.objective.Objective.reference_point)."""
     return preference_loss(name, policy.chosen, policy.rejected, ref.chosen if ref is not None else None,
                            ref.rejected if ref is not None else None, beta=beta, chosen_lengths=policy.chosen_lengths,
                            rejected_lengths=policy.rejected_lengths, chosen_kl=getattr(policy, "chosen_kl", None),
-                           rejected_kl=getattr(policy, "rejected_kl", None), **(options or {}))
+                           rejected_kl=getattr(policy, "rejected_kl", None), desirable=getattr(policy, "desirable", None),
+                           reference_point=reference_point, **(options or {}))
 
 
 from dpop.losses.objective import Objective, make_objective, objective_of  # noqa: E402 (uses the registry above)

@@ -31,6 +31,7 @@ class ObjectiveOutput:
     weights: dict[str, float]
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    reference_point: Tensor | None = None  # KTO's z0 of this micro-batch (a scalar), None for pairs
 
     def step_loss(self, units_in_step: Mapping[str, float]) -> Tensor:
         """This batch's share of the step's loss: Σ_k w_k · Σ_i l_k(i) / (units of the whole step under k)."""
@@ -64,18 +65,39 @@ class Objective:
     def reference_free(self) -> bool:
         return all(spec.reference_free for spec, _ in self.components)
 
+    @property
+    def unpaired(self) -> bool:
+        """Whether it trains on unpaired rows (KTO): make_objective never mixes it with a pair loss."""
+        return any(spec.unpaired for spec, _ in self.components)
+
+    def reference_point(self, policy, ref, *, reduce=None, weight: float = 1.0) -> Tensor | None:
+        """KTO's z0 for one micro-batch: max(0, Σ (log πθ(y'|x) − log πref(y'|x)) / rows), the sums and row counts
+        added over processes by `reduce(tensor) -> tensor` (a collective every process calls; None: one process),
+        detached. None for a pair objective (no collective). `weight` 0: a process whose share of the micro-batch
+        is empty adds nothing but still joins the collective."""
+        if not self.unpaired:
+            return None
+        ratios = policy.rejected.detach().double() - ref.rejected.detach().double().to(policy.rejected.device)
+        totals = torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))]) * weight
+        if reduce is not None:
+            totals = reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).float()
+
     def units_in_step(self, chosen_lengths: Tensor) -> dict[str, float]:
         """Σ units over all the step's pairs, per component (`chosen_lengths`: every pair of the step)."""
         return {spec.name: float(spec.units(chosen_lengths).sum()) for spec, _ in self.components}
 
-    def __call__(self, policy, ref, *, beta: float) -> ObjectiveOutput:
-        """Score one batch: `policy` a SequenceLogps, `ref` RefLogps or None (reference-free components)."""
+    def __call__(self, policy, ref, *, beta: float, reduce=None) -> ObjectiveOutput:
+        """Score one batch: `policy` a SequenceLogps, `ref` RefLogps or None (reference-free components); `reduce`:
+        the sum over processes for KTO's reference point (see reference_point)."""
         from dpop.losses import sequence_loss
 
         losses, units, rewards = {}, {}, None
+        point = self.reference_point(policy, ref, reduce=reduce)
         for spec, _ in self.components:
             options = {key: value for key, value in self.options.items() if key in spec.options}
-            losses[spec.name], chosen, rejected = sequence_loss(spec.name, policy, ref, beta=beta, options=options)
+            losses[spec.name], chosen, rejected = sequence_loss(spec.name, policy, ref, beta=beta, options=options,
+                                                                reference_point=point)
             if self.use_weighting:  # WPO, eq. 2: the pair's loss × w(y_w) · w(y_l), both detached
                 losses[spec.name] = losses[spec.name] * policy.chosen_weights * policy.rejected_weights
             units[spec.name] = spec.units(policy.chosen_lengths)
@@ -83,7 +105,8 @@ class Objective:
                 rewards = (chosen, rejected)
         if rewards is None:  # sft alone: no rewards
             rewards = (chosen, rejected)
-        return ObjectiveOutput(losses, units, {spec.name: weight for spec, weight in self.components}, *rewards)
+        return ObjectiveOutput(losses, units, {spec.name: weight for spec, weight in self.components}, *rewards,
+                               reference_point=point)
 
 
 def make_objective(loss: str | Sequence[str], weights: str | Sequence[float] | None = None,
@@ -98,6 +121,13 @@ def make_objective(loss: str | Sequence[str], weights: str | Sequence[float] | N
     if len(set(names)) != len(names):
         raise ConfigError(f"loss: {','.join(names)} names a loss twice; give each once, with its weight")
     specs = [get_loss(name) for name in names]
+    unpaired = [spec.name for spec in specs if spec.unpaired]
+    if unpaired and len(specs) > 1:
+        paired = ", ".join(spec.name for spec in specs if not spec.unpaired)
+        raise ConfigError(f"loss: {unpaired[0]} trains on unpaired rows (prompt, completion, label) and cannot be "
+                          f"mixed with losses on preference pairs ({paired})")
+    if unpaired and use_weighting:
+        raise ConfigError(f"use_weighting (WPO) weights a pair's two responses; {unpaired[0]} trains on unpaired rows")
     values = _weights(weights, len(names))
     picked = {}
     for spec in specs:

@@ -49,6 +49,9 @@ OPTIONS: dict[str, Option] = {
                           low=0.0, high=1.0, low_open=True, high_open=True),
     "tdpo_alpha": Option("TDPO2's α ≥ 0: weight of the sequential-KL term D_SeqKL(y_l) − sg(D_SeqKL(y_w)) (paper: 0.5)",
                          low=0.0),
+    "desirable_weight": Option("KTO's λ_D ≥ 0: weight of the desirable rows' losses (keep λ_D·n_D / (λ_U·n_U) in "
+                               "[1, 4/3], paper §4.2)", low=0.0),
+    "undesirable_weight": Option("KTO's λ_U ≥ 0: weight of the undesirable rows' losses", low=0.0),
     "discopop_tau": Option("DiscoPOP's τ > 0: temperature of the logistic/exponential mixing weight "
                            "(paper: 0.05)", low=0.0, low_open=True),
 }

@@ -13,6 +13,10 @@ END = "<!-- end of registry table -->"
 
 def _needs(spec: LossSpec) -> str:
     needs = ["reference-free" if spec.reference_free else "reference"]
+    if spec.needs_kl:
+        needs[0] = "live reference (its token distributions)"
+    if spec.unpaired:
+        needs.append("unpaired rows (prompt, completion, label)")
     if spec.needs_lengths:
         needs.append("response lengths")
     if not spec.uses_rejected:
@@ -27,7 +31,7 @@ def _options(spec: LossSpec) -> str:
 
 
 # The switches any loss can take (issue 16), by config key; their text is the field's help.
-SWITCHES = ("loss_weights", "use_weighting", "ld_alpha", "sync_ref_model", "ref_model_sync_steps",
+SWITCHES = ("loss_weights", "unpair", "use_weighting", "ld_alpha", "sync_ref_model", "ref_model_sync_steps",
             "ref_model_mixup_alpha", "guide_loss")
 
 

@@ -43,6 +43,7 @@ class PairBatch:
     num_pairs: int
     num_input_tokens: int  # real (non-pad) tokens the model reads
     with_rejected: bool = True
+    desirable: torch.Tensor | None = None  # (P,) bool: unpaired rows' labels (KTO); None for preference pairs
 
     def to(self, device) -> "PairBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -150,6 +151,8 @@ def _build(rows: list[list[_Segment]], pairs: list[TokenizedPair], *, pad_id: in
         chosen_lengths=torch.tensor([len(p.chosen_ids) for p in pairs]),
         rejected_lengths=torch.tensor([len(p.rejected_ids) if with_rejected else 0 for p in pairs]),
         num_pairs=num_pairs, num_input_tokens=int((block_id >= 0).sum()), with_rejected=with_rejected,
+        desirable=(torch.tensor([bool(p.desirable) for p in pairs]) if pairs and pairs[0].desirable is not None
+                   else None),
     )
 
 

@@ -39,6 +39,7 @@ class SequenceLogps:
     rejected_kl: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # (M, H) the states that predict response tokens (keep_hidden), detached
     head: torch.nn.Module | None = None  # the lm head that reads them
+    desirable: torch.Tensor | None = None  # (P,) bool: unpaired rows' labels (KTO; chosen = the completion)
 
     def divergent_chosen_mean(self) -> torch.Tensor:
         """Mean per-token log-prob of y_w after the first token where y_w and y_l differ (DPOP Fig. 4);
@@ -259,7 +260,7 @@ def reduce_token_logps(token_logps: torch.Tensor, batch: PairBatch, *, keep_toke
         chosen=sums[:num_pairs], rejected=rejected,
         chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
         divergent_chosen_sum=divergent_sum, divergent_chosen_count=divergent_count,
-        shared_prefix=shared_prefix, token_logps=token_logps if keep_tokens else None,
+        shared_prefix=shared_prefix, token_logps=token_logps if keep_tokens else None, desirable=batch.desirable,
     )
 
 

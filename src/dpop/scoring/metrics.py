@@ -9,6 +9,8 @@ is DESIGN §1's penalised chosen reward β·(lw − rw − λ·max(0, rw − lw)
 trainable elements whose compute-dtype value changed in the step) and `precision/update_ratio` (Σ|Δ compute
 value| / Σ|Δ fp32 value|: ~1 where updates reach the model as it computes, ~0 in bf16's dead zone) are measured
 on a fixed sample of 2^18 elements (dpop.precision.TrainedWeights); DeadZoneWatch warns on the second.
+On unpaired rows (KTO) rewards/margins is the desirable rows' mean reward minus the undesirable rows', there is
+no rewards/accuracies or pair accuracy, and `kto/z0` is the mean reference point of the step's micro-batches.
 """
 
 from __future__ import annotations
@@ -49,12 +51,21 @@ class PairStats:
 
 
 def record_pairs(stats: PairStats, *, losses, chosen_rewards, rejected_rewards, policy, ref_chosen, ref_rejected,
-                 beta: float = 0.0, dpop_lambda: float = 0.0, units=None, weights=None) -> None:
+                 beta: float = 0.0, dpop_lambda: float = 0.0, units=None, weights=None, reference_point=None) -> None:
     """Add one micro-batch to `stats`. `policy` is a SequenceLogps; ref_* are (P,) tensors or None; `losses`
     the per-pair losses (P,), or for a mixture a dict loss name -> (P,) with `units` and `weights` dicts keyed
     alike (dpop.losses.objective), or None (evaluation without a loss); `units` (P,) what each pair counts for
-    in the logged loss (dpop.losses.LossSpec.units; None = 1 each, the mean over pairs)."""
+    in the logged loss (dpop.losses.LossSpec.units; None = 1 each, the mean over pairs).
+
+    Unpaired rows (policy.desirable set, KTO) are logged as TRL's KTO trainer logs them: the "chosen" keys are
+    the desirable rows' completions, the "rejected" keys the undesirable rows' (the mismatched completions y' only
+    enter `reference_point`, KTO's z0, logged as kto/z0)."""
     nan = torch.full_like(policy.chosen, math.nan)
+    if policy.desirable is not None:
+        policy, ref_chosen, ref_rejected = _by_label(policy, ref_chosen)
+        stats.add(desirable=policy.desirable.float(),
+                  reference_point=(reference_point.expand(policy.chosen.shape) if reference_point is not None
+                                   else nan))
     if losses is not None and not isinstance(losses, Mapping):
         losses, units, weights = {"": losses}, {"": units}, {"": 1.0}
     total = nan
@@ -78,6 +89,24 @@ def record_pairs(stats: PairStats, *, losses, chosen_rewards, rejected_rewards, 
               divergent=policy.divergent_chosen_mean())
 
 
+def _by_label(policy, ref_completion):
+    """(policy-like view, ref chosen, ref rejected) of unpaired rows: each row's completion in the chosen slot if it
+    is desirable, in the rejected slot if not, NaN in the other; no divergence quantities (no pair to diverge)."""
+    from types import SimpleNamespace
+
+    good = policy.desirable.to(policy.chosen.device)
+    nan = torch.full_like(policy.chosen, math.nan)
+
+    def split(values):
+        return (torch.where(good, values, nan), torch.where(good, nan, values)) if values is not None else (None, None)
+
+    chosen, rejected = split(policy.chosen)
+    ref_chosen, ref_rejected = split(ref_completion.to(policy.chosen.device) if ref_completion is not None else None)
+    view = SimpleNamespace(chosen=chosen, rejected=rejected, desirable=policy.desirable,
+                           divergent_chosen_mean=lambda: nan)
+    return view, ref_chosen, ref_rejected
+
+
 def summarize_pairs(stats: PairStats) -> dict[str, float]:
     """Means over the step's pairs, named as DESIGN.md §6."""
     chosen_rewards, rejected_rewards = stats.get("chosen_rewards"), stats.get("rejected_rewards")
@@ -88,12 +117,17 @@ def summarize_pairs(stats: PairStats) -> dict[str, float]:
     weights = {name: float(stats.get("weight:" + name)[0]) for name in parts}
     loss = sum(weights[name] * value for name, value in parts.items()) if parts else math.nan
     components = {f"loss/{name}": value for name, value in parts.items()} if len(parts) > 1 else {}
+    unpaired = "desirable" in stats.parts  # KTO: no pairs; the margin is between the two labels' mean rewards
+    if unpaired:
+        components["kto/z0"] = _mean(stats.get("reference_point"))
     return {
         "loss": loss, **components,
         "rewards/chosen": _mean(chosen_rewards),
         "rewards/rejected": _mean(rejected_rewards),
-        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": math.nan if no_rewards else _mean((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": (_mean(chosen_rewards) - _mean(rejected_rewards) if unpaired
+                            else _mean(chosen_rewards - rejected_rewards)),
+        "rewards/accuracies": (math.nan if no_rewards or unpaired
+                               else _mean((chosen_rewards > rejected_rewards).float())),
         "logps/chosen": _mean(stats.get("chosen")),
         "logps/rejected": _mean(stats.get("rejected")),
         "logps/ref_chosen": _mean(stats.get("ref_chosen")),
@@ -107,7 +141,10 @@ def summarize_pairs(stats: PairStats) -> dict[str, float]:
 
 
 def pair_accuracy(stats: PairStats) -> float:
-    """Fraction of pairs whose chosen response the policy finds more likely than the rejected one."""
+    """Fraction of pairs whose chosen response the policy finds more likely than the rejected one (NaN for
+    unpaired rows)."""
+    if "desirable" in stats.parts:
+        return math.nan
     return _mean((stats.get("chosen") > stats.get("rejected")).float())
 
 

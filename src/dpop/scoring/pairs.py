@@ -14,10 +14,11 @@ from dpop.scoring.metrics import PairStats, pair_accuracy, record_pairs, summari
 from dpop.scoring.reference import OwnReference
 
 
-def record_scored(stats: PairStats, objective, policy, ref, *, beta: float):
+def record_scored(stats: PairStats, objective, policy, ref, *, beta: float, reduce=None):
     """Score one batch under `objective` (a dpop.losses.Objective, or None: no loss, the implicit rewards
-    β·(log πθ − log πref) when there is a reference) and add it to `stats`; returns the ObjectiveOutput or None."""
-    output = objective(policy, ref, beta=beta) if objective is not None else None
+    β·(log πθ − log πref) when there is a reference) and add it to `stats`; returns the ObjectiveOutput or None.
+    `reduce`: the sum over processes for KTO's reference point (training; evaluation scores on each process alone)."""
+    output = objective(policy, ref, beta=beta, reduce=reduce) if objective is not None else None
     if output is not None:
         losses, units, weights = output.losses, output.units, output.weights
         chosen_rewards, rejected_rewards = output.chosen_rewards, output.rejected_rewards
@@ -28,7 +29,8 @@ def record_scored(stats: PairStats, objective, policy, ref, *, beta: float):
     record_pairs(stats, losses=losses, units=units, weights=weights, chosen_rewards=chosen_rewards,
                  rejected_rewards=rejected_rewards, policy=policy, ref_chosen=ref.chosen if ref else None,
                  ref_rejected=ref.rejected if ref else None, beta=beta,
-                 dpop_lambda=objective.options.get("dpop_lambda", 0.0) if objective is not None else 0.0)
+                 dpop_lambda=objective.options.get("dpop_lambda", 0.0) if objective is not None else 0.0,
+                 reference_point=output.reference_point if output is not None else None)
     return output
 
 

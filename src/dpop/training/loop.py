@@ -64,11 +64,13 @@ def _micro_batch_loss(run: Run, micro, stats: PairStats, units_in_step: dict[str
     ref = run.reference(batch, indices, keep_hidden=True) if needs_kl else None
     with accelerator.autocast():
         policy = run.scorer(batch, kl_target=ref) if needs_kl else run.scorer(batch)  # (P,) sums
-    if not weight:  # an empty share of a short batch: the forward and backward the collectives need, adding 0
-        return policy.chosen.sum() * 0.0, 0
-    if ref is None and run.reference is not None:
+    reduce = distributed.sum_over_processes(accelerator)  # KTO's reference point: sums over every process's rows
+    if ref is None and run.reference is not None and (weight or run.objective.unpaired):
         ref = run.reference(batch, indices)
-    output = record_scored(stats, run.objective, policy, ref, beta=config.beta)
+    if not weight:  # an empty share of a short batch: the forward and backward the collectives need, adding 0
+        run.objective.reference_point(policy, ref, reduce=reduce, weight=0.0)  # KTO: joins the z0 sum
+        return policy.chosen.sum() * 0.0, 0
+    output = record_scored(stats, run.objective, policy, ref, beta=config.beta, reduce=reduce)
     # The engines AVERAGE gradients over processes; × num_processes turns that average into the sum over all
     # the step's pairs / units_in_step, the single-process gradient (dpop.distributed).
     return output.step_loss(units_in_step) * accelerator.num_processes, batch.num_input_tokens
