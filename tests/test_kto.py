@@ -327,3 +327,13 @@ def test_the_doctor_counts_labels_instead_of_edit_distances(tmp_path):
     text = format_report(report)
     assert "6 unpaired rows (4 desirable, 2 undesirable)" in text
     assert "ratio 2, outside the KTO paper's [1, 4/3]" in text and "--loss kto" in text
+
+
+def test_data_make_writes_unpaired_rows(tmp_path):
+    from dpop.cli import main
+
+    out = tmp_path / "kto.jsonl"
+    assert main(["data", "make", "arithmetic", "--n", "5", "--unpaired", "--out", str(out)]) == 0
+    rows = load_pairs(out).pairs
+    assert [row.desirable for row in rows] == [True, False] * 5
+    assert all(isinstance(row.metadata["answer"], int) for row in rows)  # the task checker's answer is kept

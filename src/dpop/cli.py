@@ -4,7 +4,7 @@
     dpop sft   [CONFIG.yaml] [--key value ...]   SFT on the chosen responses
     dpop eval  --model M --data FILE             pair accuracy, reward accuracy, log-probs, task accuracy
     dpop generate --model M --prompt TEXT        or --data FILE for batched generation
-    dpop data make arithmetic --n N --edit low|high --seed S --out FILE
+    dpop data make arithmetic --n N --edit low|high --seed S [--unpaired] --out FILE
     dpop data doctor FILE                        validation, lengths, duplicates, edit distances, advice
     dpop demo [--out DIR] [--quick]              DPO vs DPOP on the builtin model, with a report
     dpop report RUN_DIR [RUN_DIR ...]            plots and an HTML page from metrics.jsonl
@@ -51,6 +51,9 @@ def _add_data_commands(sub) -> None:
     make.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same file (default: 0).")
     make.add_argument("--split", choices=["train", "eval", "sft"], default="train",
                       help="Problem split; splits never share a problem (default: train).")
+    make.add_argument("--unpaired", action="store_true",
+                      help="Write each pair as two unpaired rows {prompt, completion, label} (the chosen answer "
+                           "desirable, the rejected one not), for --loss kto.")
     make.add_argument("--out", required=True, help="Output JSONL file.")
     make.set_defaults(run=_run_data_make)
 
@@ -219,8 +222,13 @@ def _run_data_make(args) -> int:
     from dpop.tasks.arithmetic import make_pairs, write_jsonl
 
     rows = make_pairs(args.n, edit=args.edit, seed=args.seed, split=args.split)
+    kind = "pairs"
+    if args.unpaired:
+        rows = [{**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "completion": row[side],
+                 "label": side == "chosen"} for row in rows for side in ("chosen", "rejected")]
+        kind = "unpaired rows"
     write_jsonl(rows, args.out)
-    print(f"wrote {len(rows)} {args.edit}-edit pairs ({args.split} split, seed {args.seed}) to {args.out}")
+    print(f"wrote {len(rows)} {args.edit}-edit {kind} ({args.split} split, seed {args.seed}) to {args.out}")
     return 0
 
 

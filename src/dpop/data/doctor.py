@@ -128,7 +128,7 @@ def format_report(report: DoctorReport) -> str:
     if report.skipped:
         lines.append("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in report.skipped.items()))
     else:
-        lines.append("skipped: none (no chosen == rejected rows)")
+        lines.append("skipped: none" + ("" if report.labels else " (no chosen == rejected rows)"))
     lines.append(f"duplicates: {report.duplicate_pairs} identical {'rows' if report.labels else 'pairs'}, "
                  f"{report.duplicate_prompts} repeated prompts")
     if report.token_lengths.get("prompt"):
