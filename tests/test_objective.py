@@ -130,3 +130,16 @@ def test_wpo_weights_come_from_the_policys_own_token_distribution(tiny_config, t
     train(config)
     row = json.loads((Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 < row["loss"] < 0.6931471805599453 and row["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("switches", [dict(loss="dpop,sft", loss_weights="1,0.5"), dict(loss="dpo", ld_alpha=0.5),
+                                      dict(loss="dpo", use_weighting=True),
+                                      dict(loss="tdpo2", ref_strategy="model")],
+                         ids=["mixture", "ld_alpha", "use_weighting", "tdpo2"])
+def test_a_resumed_run_with_each_switch_equals_an_uninterrupted_one(tiny_config, switches):
+    """2 steps, a checkpoint, then resumed to 4: the weights of a 4-step run, bit for bit."""
+    common = dict(scheduler="constant", learning_rate=1e-3, batch_size=4, save_every=2, **switches)
+    whole = train(tiny_config("whole", max_steps=4, **common)).model.state_dict()
+    train(tiny_config("parts", max_steps=2, **common))
+    resumed = train(tiny_config("parts", max_steps=4, resume=True, **common)).model.state_dict()
+    assert all(torch.equal(resumed[name], value) for name, value in whole.items())
