@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dpop"
 # lower layers never import higher ones (lazily inside a function neither)
 LAYERS = {"errors": 0, "speed": 0, "losses": 1, "precision": 1, "config": 2, "tasks": 2, "models": 3,
           "distributed": 3, "data": 4, "scoring": 5, "training": 6, "evaluation": 7, "reporting": 8, "analysis": 9,
-          "demo": 10, "cli": 11, "__main__": 12, "__init__": 13}
+          "improve": 10, "demo": 10, "cli": 11, "__main__": 12, "__init__": 13}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 

@@ -81,3 +81,53 @@ class LandscapeConfig:
     out: str = _opt("landscape.png", "Image file: .png, .svg or .pdf.")
     beta: float = _like("beta", "β > 0.")
     dpop_lambda: float | None = _like("dpop_lambda")
+
+
+@dataclass(frozen=True)
+class IterateConfig:
+    """`dpop iterate`: Iterative RPO's loop (Pang et al. 2024) with any loss (default dpop)."""
+
+    model: str = _like("model", "Model M_0 to improve: builtin name, local HF model dir or .gguf file.")
+    sft_steps: int | None = _opt(None, "First SFT M_0 on chosen answers of the builtin task's sft split for this many "
+                                       "steps and start from that (none = 32 with the builtin task, 0 with --data: "
+                                       "start from --model as it is).", minimum=0)
+    data: str | None = _opt(None, "Prompts: a JSONL/JSON/CSV/Parquet file whose rows have a `prompt` (text or "
+                                  "messages) and what the verifier reads, e.g. `answer` (none = the builtin "
+                                  "arithmetic task's train split).")
+    verifier: str = _opt("builtin", "Who marks a sample: builtin (the arithmetic task's checker, which reads the "
+                                    "row's `answer`), module:function (called as function(completion, row) -> "
+                                    "bool), or rm:PATH (a `dpop rm train` reward model: pairs by score).")
+    iterations: int = _opt(3, "Iterations: sample, mark, pair, train M_{t+1} with M_t as its reference, evaluate.",
+                           minimum=1)
+    prompts: int = _opt(64, "Training prompts sampled per iteration (fresh ones each iteration).", minimum=1)
+    samples: int = _opt(4, "Answers sampled per prompt.", minimum=2)
+    temperature: float = _opt(0.8, "Sampling temperature.", exclusive_minimum=0.0)
+    pairs_per_prompt: int = _opt(4, "Pairs kept per prompt (correct × incorrect, spread over both; 0 = all).",
+                                 minimum=0)
+    max_new_tokens: int = _opt(72, "Tokens generated per sample and per evaluation answer.", minimum=1)
+    eval_problems: int = _opt(100, "Held-out problems of the builtin task's eval split whose greedy answers are "
+                                   "scored after each iteration (and for M_0), with 95% intervals; 0 = none.",
+                              minimum=0)
+    loss: str = _like("loss", "Training loss of each iteration (rpo: Iterative RPO's DPO+NLL; dpop,sft: a mixture).")
+    loss_weights: str | None = _like("loss_weights")
+    beta: float = _like("beta")
+    learning_rate: float = _opt(5e-6, "Peak learning rate of each iteration's training.", exclusive_minimum=0.0)
+    batch_size: int = _like("batch_size")
+    epochs: float = _like("epochs", "Passes over each iteration's pairs (ignored when max_steps is set).")
+    max_steps: int | None = _like("max_steps", "Optimizer steps per iteration (none = as many as epochs take).")
+    precision: str = _like("precision")
+    batch_generate: int = _opt(32, "Prompts per generation batch.", minimum=1)
+    seed: int = _like("seed")
+    output_dir: str = _opt("runs/iterate", "Output dir: iter-N/ (samples, pairs, the training run), summary.json, "
+                                           "report.html.")
+    resume: bool = _opt(False, "Continue in output_dir after its last finished iteration.")
+    overwrite: bool = _opt(False, "Delete output_dir first.")
+
+    def check(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other")
+        if self.data is not None and self.sft_steps:
+            raise ConfigError("--sft-steps trains on the builtin task's chosen answers; with --data give an SFT "
+                              "model as --model and leave --sft-steps unset")
+        if not (self.verifier == "builtin" or self.verifier.startswith("rm:") or ":" in self.verifier):
+            raise ConfigError(f"verifier: expected builtin, module:function or rm:PATH, got {self.verifier!r}")
