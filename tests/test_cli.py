@@ -12,7 +12,8 @@ from dpop.data import load_pairs
 from dpop.data.textdiff import normalized_edit_distance
 
 COMMANDS = [["train"], ["sft"], ["eval"], ["generate"], ["data", "make"], ["data", "doctor"], ["report"],
-            ["landscape"], ["bt", "fit"], ["models", "fetch"], ["losses"]]
+            ["landscape"], ["bt", "fit"], ["models", "fetch"], ["losses"], ["iterate"], ["rm", "train"],
+            ["rm", "score"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -287,25 +287,14 @@ def test_a_resumed_kto_run_equals_the_uninterrupted_one(tiny_config, tiny_model_
     """z0 is recomputed from the policy at every micro-batch, so it holds no state a checkpoint could lose: the run
     dies in step 3 and is resumed from step 2's checkpoint, and ends bit-exactly where the whole run does."""
     from safetensors.torch import load_file
-
-    import dpop.training.loop
+    from test_train_resume import train_until_a_crash_in_step
 
     policy = tiny_model_saver(tmp_path / "policy", seed=5)
     common = dict(loss="kto", unpair=True, model=str(policy), ref_model=str(tiny_config().model), max_steps=4,
                   save_every=2, learning_rate=1e-3, batch_size=3, grad_accum=2)
     whole = tiny_config("whole", **common)
     train(whole)
-    real_step = dpop.training.loop.train_step
-
-    def dies_in_step_3(run, batches):
-        if run.state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(run, batches)
-
-    monkeypatch.setattr(dpop.training.loop, "train_step", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config("crashed", **common))
-    monkeypatch.setattr(dpop.training.loop, "train_step", real_step)
+    train_until_a_crash_in_step(3, tiny_config("crashed", **common), monkeypatch)
     crashed = tiny_config("crashed", **common, resume=True)
     train(crashed)
     final = [load_file(str(Path(c.output_dir) / "final" / "model.safetensors")) for c in (whole, crashed)]

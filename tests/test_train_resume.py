@@ -39,6 +39,21 @@ def count_steps(monkeypatch) -> list:
     return calls
 
 
+def train_until_a_crash_in_step(step: int, config, monkeypatch) -> None:
+    """train(config), dying (KeyboardInterrupt) as optimizer step `step` begins; train_step is restored after."""
+    real_step = dpop.training.loop.train_step
+
+    def dies(run, batches):
+        if run.state.step == step - 1:
+            raise KeyboardInterrupt
+        return real_step(run, batches)
+
+    monkeypatch.setattr(dpop.training.loop, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(dpop.training.loop, "train_step", real_step)
+
+
 COMMON = dict(max_steps=4, save_every=2, learning_rate=1e-3, batch_size=3, grad_accum=2)
 
 
@@ -51,17 +66,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_config, eval_pai
     train(uninterrupted)
 
     crashing = tiny_config("crashed", **common)
-    real_step = dpop.training.loop.train_step
-
-    def dies_in_step_3(run, batches):
-        if run.state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(run, batches)
-
-    monkeypatch.setattr(dpop.training.loop, "train_step", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(crashing)
-    monkeypatch.setattr(dpop.training.loop, "train_step", real_step)
+    train_until_a_crash_in_step(3, crashing, monkeypatch)
     assert not (Path(crashing.output_dir) / "final").exists()
     assert steps_logged(crashing)[-1] == ("eval", 2)
 

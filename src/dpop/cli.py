@@ -123,28 +123,6 @@ def _add_training_commands(sub) -> None:
     sft.set_defaults(run=_run_sft)
 
 
-def _add_iterate_command(sub) -> None:
-    from dpop.config.commands import IterateConfig
-    from dpop.config.flags import add_config_arguments
-
-    iterate = sub.add_parser("iterate", help="Improve a model on its own answers (Iterative RPO's loop).",
-                             description="Each iteration samples answers from the current model, marks them "
-                                         "with a verifier, pairs correct with incorrect answers, trains the next "
-                                         "model with the current one as its reference (default loss dpop) and "
-                                         "scores held-out answers; OUT/summary.json and OUT/report.html.")
-    add_config_arguments(iterate, IterateConfig, config_file=False)
-    iterate.set_defaults(run=_run_iterate)
-
-
-def _run_iterate(args) -> int:
-    from dpop.config.commands import IterateConfig
-    from dpop.config.flags import config_from_args
-    from dpop.improve.iterate import run_iterate
-
-    run_iterate(config_from_args(args, IterateConfig))
-    return 0
-
-
 def _add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="Reproduce DPO's failure mode and DPOP's fix on the builtin model.",
                           description="SFT on the builtin task, then dpo and dpop from the SFT model on the same "
@@ -200,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(sub)
     _add_data_commands(sub)
     _add_demo_command(sub)
-    _add_iterate_command(sub)
+    from dpop.improve.commands import add_improve_commands
+
+    add_improve_commands(sub)
     _add_analysis_commands(sub)
     _add_model_commands(sub)
     _add_losses_command(sub)

@@ -131,3 +131,40 @@ class IterateConfig:
                               "model as --model and leave --sft-steps unset")
         if not (self.verifier == "builtin" or self.verifier.startswith("rm:") or ":" in self.verifier):
             raise ConfigError(f"verifier: expected builtin, module:function or rm:PATH, got {self.verifier!r}")
+
+
+@dataclass(frozen=True)
+class RmTrainConfig:
+    """`dpop rm train`: a Bradley–Terry reward model (dpop.improve.reward)."""
+
+    model: str = _like("model", "Backbone: builtin name or local HF model dir (a causal LM gets a new scalar head).")
+    data: str = _opt("", "Training pairs (any pair shape `dpop data doctor` accepts).")
+    eval_data: str | None = _opt(None, "Held-out pairs: reward accuracy at the end, with a 95% interval.")
+    output_dir: str = _opt("runs/rm", "Output dir: metrics.jsonl, summary.json, final/ (the reward model).")
+    learning_rate: float = _opt(1e-5, "Peak learning rate (linear decay to 0).", exclusive_minimum=0.0)
+    batch_size: int = _like("batch_size")
+    epochs: float = _like("epochs")
+    max_steps: int | None = _like("max_steps")
+    max_length: int = _like("max_length")
+    precision: str = _like("precision")
+    seed: int = _like("seed")
+    overwrite: bool = _opt(False, "Replace a finished reward model in output_dir.")
+
+    def check(self) -> None:
+        if not self.data:
+            raise ConfigError("--data: the pairs to train the reward model on")
+
+
+@dataclass(frozen=True)
+class RmScoreConfig:
+    """`dpop rm score`: rewards of every row and the reward accuracy."""
+
+    model: str = _opt("runs/rm/final", "Reward model dir (`dpop rm train`'s final/).")
+    data: str = _opt("", "Pairs to score.")
+    out: str | None = _opt(None, "Write each row's reward_chosen and reward_rejected here as JSONL.")
+    batch_size: int = _opt(16, "Pairs per scoring batch.", minimum=1)
+    max_length: int = _like("max_length")
+
+    def check(self) -> None:
+        if not self.data:
+            raise ConfigError("--data: the pairs to score")

@@ -136,11 +136,10 @@ def _iteration(config: IterateConfig, t: int, model_path: str, out: Path, verifi
     rows = (builtin_prompts(config.prompts, seed=config.seed, iteration=t - 1) if config.data is None
             else file_prompts(config.data, config.prompts, seed=config.seed, iteration=t - 1))
     model, tokenizer = load_model(model_path)
-    autocast = autocast_for(resolve_precision(config.precision), torch.device("cpu"))
     samples = sample_answers(model, tokenizer, [row["prompt"] for row in rows], samples=config.samples,
                              temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_generate, seed=config.seed * 1000 + t,
-                             stop_when=states_answer if config.verifier == "builtin" else None, autocast=autocast)
+                             stop_when=states_answer if config.verifier == "builtin" else None)
     pairs = build_pairs(rows, samples, verifier, per_prompt=config.pairs_per_prompt)
     _write_jsonl(folder / "samples.jsonl", ({"prompt_index": i, "sample": k, "text": text, "mark": mark}
                                             for i, (texts, marks) in enumerate(zip(samples.texts, pairs.judgements))
