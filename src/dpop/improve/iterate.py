@@ -120,13 +120,10 @@ def _write_jsonl(path: Path, rows) -> None:
 
 
 def _iteration(config: IterateConfig, t: int, model_path: str, out: Path, verifier) -> dict:
-    import torch
 
-    from dpop.config.hardware import resolve_precision
     from dpop.improve.onpolicy import build_pairs, builtin_prompts, file_prompts, sample_answers
     from dpop.models import load_model
     from dpop.reporting.report import write_atomic
-    from dpop.scoring.pairs import autocast_for
     from dpop.tasks.arithmetic import states_answer
     from dpop.training.loop import train
 
