@@ -270,11 +270,22 @@ def agree_on_stop(received: str | None, processes) -> str | None:
 
 # --- the engines ----------------------------------------------------------------------------------------
 
-def shut_down(accelerator) -> None:
+_ENGINES_KEPT: list = []  # multi-process runs' engines, never freed before the worker leaves (see shut_down)
+
+
+def shut_down(accelerator, engine=None) -> None:
     """End a run, at its end or on a stop: every process waits for the others (the main one may still be writing
-    the final model), then the trackers finish and the process group is destroyed (a no-op for one process)."""
+    the final model), then the trackers finish and the process group is destroyed (a no-op for one process).
+
+    On several processes the accelerator and the wrapped `engine` are kept alive until the worker leaves
+    (exit_worker): freeing DDP's Reducer destroys the gloo process group it holds, whose destructor joins gloo's
+    run-loop threads while this thread holds the GIL; a run-loop thread that is at that moment releasing a tensor
+    waits for the GIL, and the worker hangs for ever (seen once in a test run here, torch 2.13: the main thread in
+    ~ProcessGroupGloo -> std::thread::join from Reducer dealloc, a pt_gloo_runloop thread in take_gil)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        _ENGINES_KEPT.append((accelerator, engine))
 
 
 def exit_worker(code: int) -> NoReturn:

@@ -146,7 +146,9 @@ class RmTrainConfig:
     epochs: float = _like("epochs")
     max_steps: int | None = _like("max_steps")
     max_length: int = _like("max_length")
-    precision: str = _like("precision")
+    precision: str = _opt("fp32", "fp32, or bf16 autocast: bf16 rounds the fp32 weights to nearest at every forward, "
+                                  "so updates below half a bf16 step never reach the model (dpop train's bf16-sr "
+                                  "avoids that; the reward model's loop does not have it).", choices=("fp32", "bf16"))
     seed: int = _like("seed")
     overwrite: bool = _opt(False, "Replace a finished reward model in output_dir.")
 

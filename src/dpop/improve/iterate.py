@@ -120,7 +120,6 @@ def _write_jsonl(path: Path, rows) -> None:
 
 
 def _iteration(config: IterateConfig, t: int, model_path: str, out: Path, verifier) -> dict:
-
     from dpop.improve.onpolicy import build_pairs, builtin_prompts, file_prompts, sample_answers
     from dpop.models import load_model
     from dpop.reporting.report import write_atomic

@@ -94,7 +94,6 @@ def train_reward_model(config) -> dict:
     """`dpop rm train` (config: a dpop.config.commands.RmTrainConfig); returns the summary in RUN/summary.json."""
     from tqdm.auto import tqdm
 
-    from dpop.config.hardware import resolve_precision
     from dpop.data.order import micro_batches
     from dpop.reporting.report import wilson_interval, write_atomic
     from dpop.scoring.pairs import autocast_for
@@ -109,7 +108,7 @@ def train_reward_model(config) -> dict:
     pad_id = model.config.pad_token_id
     train = _tokenized(config.data, tokenizer, config.max_length).pairs
     held_out = _tokenized(config.eval_data, tokenizer, config.max_length).pairs if config.eval_data else []
-    autocast = autocast_for(resolve_precision(config.precision), torch.device("cpu"))
+    autocast = autocast_for(config.precision, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     per_epoch = math.ceil(len(train) / config.batch_size)
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
@@ -139,8 +138,7 @@ def train_reward_model(config) -> dict:
     summary = {"steps": total, "train_pairs": len(train), "train": row,
                "minutes": round((time.perf_counter() - started) / 60, 2)}
     if held_out:
-        chosen, rejected = score_pairs(model, held_out, batch_size=config.batch_size * 2, pad_id=pad_id,
-                                       autocast=autocast)
+        chosen, rejected = score_pairs(model, held_out, batch_size=config.batch_size * 2, pad_id=pad_id)
         correct = int((chosen > rejected).sum())
         summary["eval"] = {"reward_accuracy": correct / len(held_out), "pairs": len(held_out),
                            "interval_95": list(wilson_interval(correct, len(held_out)))}

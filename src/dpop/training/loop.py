@@ -258,7 +258,7 @@ def _run(run: Run) -> dict:
     if main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     logger.info(summary_line(run.state.step, last_row, final_eval, final))
-    distributed.shut_down(run.accelerator)
+    distributed.shut_down(run.accelerator, run.scorer)
     return summary
 
 
@@ -300,7 +300,7 @@ def _log(run: Run, log: MetricsLog, row: dict) -> None:
 def _stop(run: Run, signal_name: str) -> None:
     """The run stopped on a signal after a whole step, which the loop has checkpointed: RunStopped."""
     checkpoint = run.run_dir / "checkpoints" / f"step-{run.state.step}"
-    distributed.shut_down(run.accelerator)
+    distributed.shut_down(run.accelerator, run.scorer)
     raise run_stopped(signal_name, run.state.step, run.total_steps, checkpoint, run.config)
 
 
