@@ -153,13 +153,10 @@ def train_reward_model(config) -> dict:
 
 def score_file(config) -> dict:
     """`dpop rm score`: every row's two rewards (written to config.out as JSONL) and the reward accuracy."""
-    from dpop.data import load_pairs
-    from dpop.data.tokenize import tokenize_pairs
     from dpop.reporting.report import wilson_interval, write_atomic
 
     model, tokenizer = load_reward_model(config.model)
-    loaded = load_pairs(config.data).pairs
-    data = tokenize_pairs(loaded, tokenizer, max_length=config.max_length, max_prompt_length=config.max_length // 2)
+    data = _tokenized(config.data, tokenizer, config.max_length)
     chosen, rejected = score_pairs(model, data.pairs, batch_size=config.batch_size, pad_id=model.config.pad_token_id)
     correct = int((chosen > rejected).sum())
     result = {"reward_accuracy": correct / len(data.pairs), "pairs": len(data.pairs),

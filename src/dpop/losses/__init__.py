@@ -54,7 +54,8 @@ from dpop.losses.trl_pairwise import (
 )
 from dpop.losses.unpaired import kto_loss, kto_reference_point
 
-__all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss", "kto_reference_point",
+__all__ = ["LOSSES", "OPTIONS", "OPTION_HELP", "LossSpec", "check_option", "dpop_penalty", "get_loss",
+           "kto_reference_point",
            "loss_option_defaults", "loss_options", "make_objective", "Objective", "objective_of", "preference_loss",
            "sequence_loss"]
 
@@ -250,8 +251,9 @@ def sequence_loss(name: str, policy, ref, *, beta: float, options: Mapping[str, 
     return preference_loss(name, policy.chosen, policy.rejected, ref.chosen if ref is not None else None,
                            ref.rejected if ref is not None else None, beta=beta, chosen_lengths=policy.chosen_lengths,
                            rejected_lengths=policy.rejected_lengths, chosen_kl=getattr(policy, "chosen_kl", None),
-                           rejected_kl=getattr(policy, "rejected_kl", None), desirable=getattr(policy, "desirable", None),
-                           reference_point=reference_point, **(options or {}))
+                           rejected_kl=getattr(policy, "rejected_kl", None),
+                           desirable=getattr(policy, "desirable", None), reference_point=reference_point,
+                           **(options or {}))
 
 
 from dpop.losses.objective import Objective, make_objective, objective_of  # noqa: E402 (uses the registry above)

@@ -75,13 +75,11 @@ class Objective:
         added over processes by `reduce(tensor) -> tensor` (a collective every process calls; None: one process),
         detached. None for a pair objective (no collective). `weight` 0: a process whose share of the micro-batch
         is empty adds nothing but still joins the collective."""
+        from dpop.losses import kto_reference_point
+
         if not self.unpaired:
             return None
-        ratios = policy.rejected.detach().double() - ref.rejected.detach().double().to(policy.rejected.device)
-        totals = torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))]) * weight
-        if reduce is not None:
-            totals = reduce(totals)
-        return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).float()
+        return kto_reference_point(policy.rejected, ref.rejected, reduce=reduce, weight=weight)
 
     def units_in_step(self, chosen_lengths: Tensor) -> dict[str, float]:
         """Σ units over all the step's pairs, per component (`chosen_lengths`: every pair of the step)."""

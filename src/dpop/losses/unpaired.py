@@ -12,10 +12,16 @@ from dpop.losses._common import LossOutput, Tensor, as_float
 from dpop.losses.options import check_option
 
 
-def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
-    """z0 of one micro-batch on one process: max(0, mean over its rows of log πθ(y'|x) − log πref(y'|x)), detached.
-    Across processes the sums and counts are added first (dpop.losses.objective.Objective.reference_point)."""
-    return (as_float(policy_kl_logps) - as_float(ref_kl_logps)).mean().clamp(min=0).detach()
+def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor, *, reduce=None, weight: float = 1.0) -> Tensor:
+    """z0 of one micro-batch: max(0, Σ (log πθ(y'|x) − log πref(y'|x)) / rows), detached. The sum and the row
+    count are added over processes by `reduce(tensor) -> tensor` (a collective every process calls; None: this
+    process alone); `weight` 0: a process whose share of the micro-batch is empty joins with nothing."""
+    ratios = policy_kl_logps.detach().double() - ref_kl_logps.detach().double().to(policy_kl_logps.device)
+    totals = torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))]) * weight
+    if reduce is not None:
+        totals = reduce(totals)
+    point = (totals[0] / totals[1].clamp(min=1)).clamp(min=0)
+    return point.to(torch.promote_types(policy_kl_logps.dtype, torch.float32))  # fp32, or fp64 for fp64 inputs
 
 
 def kto_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
