@@ -41,6 +41,15 @@ def test_demo_writes_summary_report_and_table(tmp_path, tiny_model_dir, monkeypa
     assert images and all(len(base64.b64decode(data)) > 1000 for data in images)
     assert "failure mode" in page and "Wilson" in page
     assert "low_edit" in format_table(summary) and "dpop" in capsys.readouterr().out
+    strips = json.loads((out / "token_changes.json").read_text())
+    assert set(strips) == {"low_edit", "high_edit"} and all(len(entries) == 3 for entries in strips.values())
+    for entry in strips["low_edit"]:
+        for side in ("chosen", "rejected"):
+            lengths = {len(entry[side][key]) for key in ("tokens", "reference", "dpo", "dpop")}
+            assert len(lengths) == 1 and lengths.pop() > 0
+        assert entry["chosen"]["tokens"][:entry["divergence"]] == entry["rejected"]["tokens"][:entry["divergence"]]
+        assert entry["chosen"]["tokens"][entry["divergence"]] != entry["rejected"]["tokens"][entry["divergence"]]
+    assert "Tokens that lose" in page and page.count("(first differing token)") == 2 * 2 * 6  # 2 sides x 2 models
 
 
 def test_the_edit_distance_contrast_is_stated_plainly_either_way():
@@ -51,4 +60,15 @@ def test_the_edit_distance_contrast_is_stated_plainly_either_way():
 
     assert "contrast reproduced" in edit_contrast(summary(-3.0, -0.5))
     assert "did NOT reproduce" in edit_contrast(summary(-3.0, -9.0))
+
+    def per_token(low, high, low_after, high_after):  # the summed change says the opposite of the per-token one
+        both = summary(-3.0, -9.0)
+        both["low_edit"]["dpo"]["chosen_change"] = {"per_token": low, "divergent_per_token": low_after}
+        both["high_edit"]["dpo"]["chosen_change"] = {"per_token": high, "divergent_per_token": high_after}
+        return edit_contrast(both)
+
+    assert "contrast reproduced here by the per-token readings" in per_token(-0.3, -0.1, -0.4, -0.2)
+    assert "did NOT reproduce here" in per_token(-0.1, -0.3, -0.2, -0.4)
+    assert "disagree" in per_token(-0.3, -0.1, -0.2, -0.4)
+    assert "per token -0.300 (low-edit) vs -0.100 (high-edit)" in per_token(-0.3, -0.1, -0.4, -0.2).replace("+", "")
     assert edit_contrast({"low_edit": {"dpo": {"chosen_delta": -1.0}}}) is None

@@ -37,6 +37,8 @@ def _add_eval_command(sub) -> None:
 
 
 def _add_data_commands(sub) -> None:
+    from dpop.analysis.displacement import DOCTOR_DESCRIPTION
+
     data = sub.add_parser("data", help="Make, check and inspect preference data.",
                           description="Make, check and inspect preference data.")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
@@ -58,10 +60,14 @@ def _add_data_commands(sub) -> None:
     make.set_defaults(run=_run_data_make)
 
     doctor = data_sub.add_parser("doctor", help="Validate a data file and report on it.",
-                                 description="Validate every row, then report counts, token lengths, duplicates, "
-                                             "chosen == rejected rows, chosen/rejected edit distances and advice.")
+                                 description=DOCTOR_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     doctor.add_argument("file", help="Data file or datasets dir.")
-    doctor.add_argument("--model", default=None, help="Tokenizer to measure lengths with (default: builtin model).")
+    doctor.add_argument("--model", default=None,
+                        help="Model to score every pair's CHES under (the one you will train), and whose tokenizer "
+                             "measures lengths (default: no CHES; lengths with the builtin model's tokenizer).")
+    doctor.add_argument("--out", default=None, help="Write per-pair scores (index, edit_distance, and with --model "
+                                                    "ches, ches_normalized, token counts) to this JSONL file.")
+    doctor.add_argument("--batch-size", type=int, default=16, help="Pairs per forward pass for CHES (default: 16).")
     doctor.add_argument("--columns", default=None, help="Column mapping, e.g. 'prompt=question,chosen=good'.")
     doctor.add_argument("--split", default=None, help="Split of a datasets dir (default: train).")
     doctor.set_defaults(run=_run_data_doctor)
@@ -236,9 +242,10 @@ def _run_data_make(args) -> int:
 
 
 def _run_data_doctor(args) -> int:
-    from dpop.data.doctor import run_doctor
+    from dpop.analysis.displacement import run_doctor
 
-    return run_doctor(args.file, model=args.model, columns=args.columns, split=args.split)
+    return run_doctor(args.file, model=args.model, columns=args.columns, split=args.split, out=args.out,
+                      batch_size=args.batch_size)
 
 
 def _run_models_fetch(args) -> int:

@@ -53,6 +53,7 @@ QUICK = DemoPlan(cases=("low",), sft_pairs=96, sft_steps=16, pairs=96, steps=16,
                  learning_rate=1e-5, group_by_length=True)
 FULL = DemoPlan(cases=("low", "high"), sft_pairs=256, sft_steps=32, pairs=320, steps=40, eval_problems=64)
 CASE_KEYS = {"low": "low_edit", "high": "high_edit"}
+STRIP_PAIRS = 3  # held-out pairs per case whose tokens the report draws
 
 
 def _stage(number: int, total: int, text: str) -> None:
@@ -115,25 +116,30 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
                           learning_rate=plan.learning_rate, warmup_steps=max(1, plan.steps // 10)))
             runs[(case, loss)] = run_dir
     _stage(total, total, "evaluation on held-out problems: answers (greedy) and pair log-probs")
-    summary = _evaluate_all(out, plan, files, sft_model, runs)
+    summary, strips = _evaluate_all(out, plan, files, sft_model, runs)
+    (out / "token_changes.json").write_text(json.dumps(strips))
     summary["meta"] = {"quick": quick, "seed": seed, "plan": plan.__dict__ | {"cases": list(plan.cases)},
                        "minutes": round((time.perf_counter() - started) / 60, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     from dpop.reporting.demo_report import write_demo_report
 
-    report = write_demo_report(out, summary, runs)
+    report = write_demo_report(out, summary, runs, strips)
     print(format_table(summary))
     print(f"\nreport: {report}\nsummary: {out / 'summary.json'}  ({summary['meta']['minutes']} min)")
     return summary
 
 
-def _evaluate_all(out: Path, plan: DemoPlan, files: dict, sft_model: str, runs: dict) -> dict:
+def _evaluate_all(out: Path, plan: DemoPlan, files: dict, sft_model: str, runs: dict) -> tuple[dict, dict]:
+    """(summary by case, token strips by case: the first STRIP_PAIRS held-out pairs' per-token changes). Each
+    trained model's entry also holds `chosen_change`, the chosen responses' mean change read four ways
+    (dpop.scoring.displacement.READINGS: summed, per token, shared tokens, after the first difference)."""
+    from dpop.analysis.displacement import mean_chosen_changes, token_changes
     from dpop.data import load_pairs
     from dpop.evaluation.evaluate import evaluate_model
     from dpop.models import load_model
 
     reference, tokenizer = load_model(sft_model)
-    summary = {}
+    summary, strips = {}, {}
     sft_answers = None  # the SFT model's answers are the same for every case: the problems are the same
     for case in plan.cases:
         pairs = load_pairs(files[f"{case}_eval"]).pairs
@@ -146,10 +152,15 @@ def _evaluate_all(out: Path, plan: DemoPlan, files: dict, sft_model: str, runs: 
         sft_answers = sft_answers or (sft["answer_accuracy"], sft["num_answer_rows"])
         sft["answer_accuracy"], sft["num_answer_rows"] = sft_answers
         results = {"sft": _summary_entry(sft)}
-        for loss in ("dpo", "dpop"):
-            results[loss] = _summary_entry(score(load_model(str(runs[(case, loss)] / "final"))[0]))
+        trained = {loss: load_model(str(runs[(case, loss)] / "final"))[0] for loss in ("dpo", "dpop")}
+        for loss, model in trained.items():
+            results[loss] = _summary_entry(score(model))
+        entries = token_changes(reference, trained, tokenizer, pairs)  # every pair's tokens, in fp32
+        for loss in trained:
+            results[loss]["chosen_change"] = mean_chosen_changes(entries, loss)
         summary[CASE_KEYS[case]] = results
-    return summary
+        strips[CASE_KEYS[case]] = entries[:STRIP_PAIRS]
+    return summary, strips
 
 
 def _summary_entry(metrics: dict) -> dict:

@@ -59,6 +59,10 @@ class TrainConfig:
                                            "scores).", choices=("best_worst", "all"))
     unpair: bool = _opt(False, "Split each preference pair into two unpaired rows, the chosen answer desirable and "
                                "the rejected one not (for kto; TRL's unpair_preference_dataset).")
+    filter_ches: float = _opt(0.0, "Drop this fraction of the training pairs with the highest length-normalised "
+                                   "CHES score under the starting policy before training (Razin et al. 2024: the "
+                                   "pairs likeliest to make DPO lower the chosen answer; `dpop data doctor --model` "
+                                   "shows the scores). 0 = keep all.", minimum=0.0, exclusive_maximum=1.0)
     task_pairs: int = _opt(1000, "Pairs generated for the builtin task when no data is given.", minimum=1)
     task_edit: str = _opt("low", "Edit distance of the builtin task's rejected answers.", choices=("low", "high"))
     task_split: str = _opt("train", "The builtin task's split of problems to train on (dpop sft: sft; the eval "

@@ -19,6 +19,9 @@ def check_consistency(config) -> None:
     if objective.unpaired and config.ld_alpha is not None:
         raise ConfigError(f"ld_alpha (LD-DPO) weighs a pair's longer response against the shorter; {config.loss} "
                           "trains on unpaired rows")
+    if objective.unpaired and config.filter_ches:
+        raise ConfigError(f"filter_ches scores a pair's two responses against each other; {config.loss} trains on "
+                          "unpaired rows: drop filter_ches")
     prompt_limit = config.max_prompt_length
     if prompt_limit is not None and prompt_limit >= config.max_length:
         raise ConfigError(f"max_prompt_length ({prompt_limit}) must be below max_length ({config.max_length}) to "

@@ -47,14 +47,15 @@ def percentiles(values, points=(0, 50, 90, 99, 100)) -> dict[int, float]:
 
 
 def examine(path, *, tokenizer=None, columns=None, split=None, max_length: int = 1024,
-            max_prompt_length: int = 512) -> DoctorReport:
-    """Load and validate `path` (raises DataError listing bad rows) and measure it."""
+            max_prompt_length: int = 512, loaded=None) -> DoctorReport:
+    """Load and validate `path` (raises DataError listing bad rows) and measure it; `loaded`: its LoadedPairs,
+    when the caller has read them already."""
     from dpop.data import load_pairs
     from dpop.data.textdiff import normalized_edit_distance
     from dpop.data.tokenize import tokenize_pair, truncate_pair
     from dpop.data.unpaired import label_counts
 
-    loaded = load_pairs(path, columns=columns, split=split)
+    loaded = loaded or load_pairs(path, columns=columns, split=split)
     pairs = loaded.pairs
     unpaired = bool(pairs) and pairs[0].unpaired  # a row's `rejected` is then its KL completion, not data
     triples = Counter((_key(p.prompt), _key(p.chosen), p.desirable if unpaired else _key(p.rejected)) for p in pairs)
@@ -149,13 +150,3 @@ def _histogram(values, edges=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0001)) -> str:
     counts = [sum(lo <= v < hi for v in values) for lo, hi in zip(edges, edges[1:])]
     labels = [f"[{lo:.2f},{min(hi, 1.0):.2f}{']' if hi > 1 else ')'}" for lo, hi in zip(edges, edges[1:])]
     return "  ".join(f"{label} {count}" for label, count in zip(labels, counts))
-
-
-def run_doctor(path, *, model=None, columns=None, split=None) -> int:
-    from dpop.config import parse_columns
-    from dpop.models import load_tokenizer, resolve_model
-
-    tokenizer = load_tokenizer(resolve_model(model))
-    report = examine(path, tokenizer=tokenizer, columns=parse_columns(columns), split=split)
-    print(format_report(report))
-    return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -210,6 +210,31 @@ def _new_accelerator(config: TrainConfig, run_dir: Path):
                            step_scheduler_with_optimizer=False)
 
 
+def _filter_ches(config: TrainConfig, model, tokenizer, data, processes):
+    """The run's data without the fraction config.filter_ches of training pairs whose length-normalised CHES under
+    the starting policy is highest (dpop.scoring.displacement). Scored on the main process, in fp32, and sent to
+    the others, so every process drops the same pairs."""
+    from dpop.scoring.displacement import ches_scores, top_fraction
+
+    train = data.train
+    dropped = None
+    if processes.is_main_process:
+        layout = dict(layout=config.layout, pad_id=tokenizer.pad_token_id, pack_length=config.max_length)
+        batch_size = config.eval_batch_size or 4 * config.batch_size
+        scores = ches_scores(model, train.pairs, layout=layout, batch_size=batch_size,
+                             progress=len(train.pairs) > 256).normalized
+        dropped = sorted(top_fraction(scores, config.filter_ches))
+        threshold = min((scores[i] for i in dropped), default=math.nan)
+        logger.info("dpop: filter_ches %g: dropped %d of %d training pairs (length-normalised CHES >= %.4g)",
+                    config.filter_ches, len(dropped), len(train.pairs), threshold)
+    dropped = set(distributed.from_main(dropped, processes))
+    kept = [pair for index, pair in enumerate(train.pairs) if index not in dropped]
+    if not kept:
+        raise ConfigError(f"filter_ches {config.filter_ches} leaves none of the {len(train.pairs)} training pairs; "
+                          "use a smaller fraction")
+    return replace(data, train=replace(train, pairs=kept))
+
+
 def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     """Validate, load, tokenise and build the reference; write nothing to the run dir except deleting the
     old run on --overwrite once everything else has succeeded."""
@@ -227,8 +252,10 @@ def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     set_seed(config.seed)
     model, tokenizer = _build_model(config, inputs)
     model.to(accelerator.device)
-    weights = precision.trained_weights(model, config.precision, config.seed)  # bf16-sr: dithers them now
     data = tokenize_run_pairs(pairs, tokenizer, config)
+    if config.filter_ches:
+        data = _filter_ches(config, model, tokenizer, data, accelerator)  # on the starting weights, before any dither
+    weights = precision.trained_weights(model, config.precision, config.seed)  # bf16-sr: dithers them now
     if config.eval_every and data.eval is None:
         logger.warning("dpop: eval_every %d but no eval_data: no evaluation in this run", config.eval_every)
     world_batch = config.batch_size * accelerator.num_processes
