@@ -133,3 +133,30 @@ def test_filter_ches_values_that_cannot_work_are_refused(tiny_config, overrides,
 
     with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides)
+
+
+def test_doctor_with_a_model_prints_ches_and_writes_the_scores_it_computed(pairs_file, tiny_model_dir, tmp_path,
+                                                                           capsys):
+    import json
+
+    from dpop.cli import main
+    from dpop.data import load_pairs
+    from dpop.data.tokenize import tokenize_pairs
+    from dpop.models import load_model
+
+    out = tmp_path / "scores.jsonl"
+    assert main(["data", "doctor", str(pairs_file), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CHES under" in printed and "length-normalised" in printed and "rank correlation with edit distance" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model, tokenizer = load_model(str(tiny_model_dir))
+    tokenized = tokenize_pairs(load_pairs(pairs_file).pairs, tokenizer, max_length=1024, max_prompt_length=512).pairs
+    scores = ches_scores(model, tokenized, layout={"layout": "plain", "pad_id": tokenizer.pad_token_id})
+    assert [r["index"] for r in rows] == list(range(16))
+    # another layout than the doctor's (shared): equal up to fp32 summation order
+    assert [r["ches"] for r in rows] == pytest.approx(scores.raw, rel=1e-4)
+    assert [r["ches_normalized"] for r in rows] == pytest.approx(scores.normalized, rel=1e-4)
+    assert all(0 <= r["edit_distance"] <= 1 for r in rows)
+
+    assert main(["data", "doctor", str(pairs_file)]) == 0  # without a model: no CHES, and says how to get it
+    assert "pass --model" in capsys.readouterr().out

@@ -3,11 +3,11 @@
 CHES (Razin et al. 2024, "Unintentional Unalignment", arXiv 2410.08847, §4). With h_{x,y<k} the last layer's
 hidden state at the position that predicts the k-th token of response y (the state the lm head reads),
     CHES(x, y_w, y_l) = ⟨Σ_k h_{x,y_w<k}, Σ_k h_{x,y_l<k}⟩ − ‖Σ_k h_{x,y_w<k}‖²
-and the length-normalised score is the same with each sum divided by its response's length. The gradient DPO
-takes on y_l moves y_w's log-prob by roughly −(this inner product): a pair whose two responses have similar
-summed states (high CHES) is one whose rejected answer drags the chosen one down with it. Razin et al. report
+and the length-normalised score is the same with each sum divided by its response's length. Razin et al. relate the
+first-order change of log πθ(y_w) under DPO to −CHES: a pair whose two responses have similar summed states
+(high CHES) is one whose rejected answer drags the chosen one down with it. Razin et al. report
 it ranks displacement-causing pairs better than edit distance; `dpop data doctor --model` prints it and
-`--filter-ches q` drops the top q of a training set by it (docs/losses.md has the measured predictiveness).
+`--filter-ches q` drops the top q of a training set by it (docs/displacement.md has the measured predictiveness).
 
     chosen sums (P, H), rejected sums (P, H)  ->  CHES (P,) = (w · l) − (w · w)
 """
