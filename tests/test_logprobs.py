@@ -207,6 +207,33 @@ def test_fused_linear_head_matches_log_softmax_with_gradients(autocast, sub_rows
     torch.testing.assert_close(fused_grads[1], head.weight.grad, **tolerance)
 
 
+def test_under_bf16_the_fused_head_takes_the_target_logit_in_fp32():
+    """A bf16 matmul rounds its output: at logits near 20 by up to 1/16. The fused head recomputes each target's
+    logit in fp32 from the same bf16 inputs, so its log-prob is the softmax over the rounded logits with the
+    exact target logit, not the all-rounded log_softmax."""
+    from dpop.scoring.logprobs import token_logps_chunked
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False)
+    head.weight.data = (head.weight.data * 8).bfloat16().float()  # on the bf16 grid: only outputs are rounded
+    hidden = torch.randn(200, 64).bfloat16().float()
+    targets = torch.randint(0, 300, (200,))
+
+    class Config:
+        pass
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = token_logps_chunked(hidden, targets, head, Config())
+        rounded = head(hidden).float()
+    exact = hidden.double() @ head.weight.double().T
+    with_exact_target = rounded.double().scatter(-1, targets[:, None], exact.gather(-1, targets[:, None]))
+    expected = torch.log_softmax(with_exact_target, -1).gather(-1, targets[:, None]).squeeze(-1)
+    all_rounded = torch.log_softmax(rounded.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert exact.abs().max() > 16  # logits where a bf16 step is 1/8
+    torch.testing.assert_close(fused.double(), expected, atol=1e-4, rtol=0)
+    assert (fused.double() - all_rounded).abs().max() > 0.02  # the rounded target logit would differ
+
+
 def test_heads_with_an_output_transform_take_the_generic_path():
     from dpop.scoring.logprobs import _fused_head
 

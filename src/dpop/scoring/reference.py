@@ -106,7 +106,8 @@ def build_reference(config, model, tokenizer, autocast, data, *, needed_micro_ba
 
     if objective_of(config).reference_free:
         if config.ref_model:
-            logger.warning("dpop: loss %s uses no reference model; ref_model %s is ignored", config.loss, config.ref_model)
+            logger.warning("dpop: loss %s uses no reference model; ref_model %s is ignored", config.loss,
+                           config.ref_model)
         return None, None
     ref_path = guide_model(config) if config.ref_strategy == "guided" else config.ref_model
     if ref_path:
@@ -169,8 +170,8 @@ def _precomputed(config, live, ref_source, pairs, layout: dict, split: str, sche
     fingerprint = dict(split=split, layout=config.layout, seed=config.seed, precision=config.precision,
                        batch_size=config.batch_size if split == "train" else config.eval_batch_size,
                        chunk_tokens=config.chunk_tokens, group_by_length=config.group_by_length,
-                       arithmetic=3)  # 3: a .gguf's weights rounded onto the bf16 grid (2: fp32 attention under
-    # bf16 on CPU and the fused lm head); bf16-sr dithers by seed, which the key holds
+                       arithmetic=4)  # 4: the target's logit in fp32 under bf16 (3: a .gguf's weights rounded
+    # onto the bf16 grid; 2: fp32 attention under bf16 on CPU and the fused lm head); bf16-sr dithers by seed
     if split == "train" and config.group_by_length:  # length groups span a whole optimizer step
         fingerprint["grad_accum"] = config.grad_accum
     if split == "train" and processes.num_processes > 1:  # other batches: other rounding (single-process keys kept)
