@@ -147,7 +147,8 @@ def test_doctor_with_a_model_prints_ches_and_writes_the_scores_it_computed(pairs
     out = tmp_path / "scores.jsonl"
     assert main(["data", "doctor", str(pairs_file), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "CHES under" in printed and "length-normalised" in printed and "rank correlation with edit distance" in printed
+    assert "CHES under" in printed and "length-normalised" in printed
+    assert "rank correlation with edit distance" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     model, tokenizer = load_model(str(tiny_model_dir))
     tokenized = tokenize_pairs(load_pairs(pairs_file).pairs, tokenizer, max_length=1024, max_prompt_length=512).pairs
@@ -160,3 +161,22 @@ def test_doctor_with_a_model_prints_ches_and_writes_the_scores_it_computed(pairs
 
     assert main(["data", "doctor", str(pairs_file)]) == 0  # without a model: no CHES, and says how to get it
     assert "pass --model" in capsys.readouterr().out
+
+
+def test_token_pieces_give_a_split_character_whole_to_the_token_that_completes_it():
+    """Byte-level BPE splits ÷ and é over two tokens; decoded alone each is U+FFFD. The strips' texts join back
+    to the response, and the token that starts a split character carries ''."""
+    from dpop.analysis.displacement import token_pieces
+    from dpop.reporting.strips import strip_html
+
+    tokenizer = make_tiny_tokenizer()
+    text = "12 ÷ 4 = 3, café"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    alone = [tokenizer.decode([token]) for token in ids]
+    assert any("\ufffd" in piece for piece in alone)  # the case this is about
+    pieces = token_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pieces[alone.index("\ufffd")] == ""
+    html = strip_html(pieces, [0.0] * len(pieces), None)
+    assert html.count('class="tok"') == len(ids) and "part of the next character" in html and "\ufffd" not in html

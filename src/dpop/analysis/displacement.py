@@ -143,19 +143,42 @@ def token_changes(reference, models: dict, tokenizer, pairs, *, max_length: int 
     layout = {"layout": "shared", "pad_id": tokenizer.pad_token_id, "pack_length": None}
     before = response_tokens(reference, kept, layout=layout)
     after = {name: response_tokens(model, kept, layout=layout) for name, model in models.items()}
+    prompts = {pair.source: _prompt_text(pair.prompt) for pair in pairs}
     entries = []
     for index, pair in enumerate(kept):
-        entry = {"prompt": tokenizer.decode(list(pair.prompt_ids), skip_special_tokens=True),
-                 "divergence": before[index].divergence}
+        entry = {"prompt": prompts.get(pair.source, ""), "divergence": before[index].divergence}
         for side in ("chosen", "rejected"):
             reference_logps = getattr(before[index], f"{side}_logps")
-            entry[side] = {"tokens": [tokenizer.decode([token]) for token in getattr(pair, f"{side}_ids")],
+            entry[side] = {"tokens": token_pieces(tokenizer, list(getattr(pair, f"{side}_ids"))),
                            "reference": reference_logps}
             for name in models:
                 trained = getattr(after[name][index], f"{side}_logps")
                 entry[side][name] = [new - old for new, old in zip(trained, reference_logps)]
         entries.append(entry)
     return entries
+
+
+def _prompt_text(prompt) -> str:
+    """What the user asked: a text prompt, or a conversation's last message."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1]["content"]) if prompt else ""
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text. Byte-level tokenizers split some characters (×, ÷, accents) over
+    tokens, and decoding such a token alone gives U+FFFD: a character is given whole to the token that completes
+    it, and the tokens before it in the character get ''."""
+    pieces, shown = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end])
+        if text.endswith("\ufffd") and end < len(ids):
+            pieces.append("")
+        elif text.startswith(shown):
+            pieces.append(text[len(shown):])
+            shown = text
+        else:  # a decoder that rewrites earlier text (cleanup of spaces): fall back to the token alone
+            pieces.append(tokenizer.decode(ids[end - 1:end]))
+            shown = text
+    return pieces
 
 
 def mean_chosen_changes(entries: list[dict], model: str) -> dict[str, float | None]:

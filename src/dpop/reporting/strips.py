@@ -24,7 +24,7 @@ def _colour(change: float) -> str:
 
 
 def _token_text(token: str) -> str:
-    return html.escape(token.replace("\n", "⏎").replace(" ", "\u00a0")) or "∅"
+    return html.escape(token.replace("\n", "⏎").replace(" ", "\u00a0"))
 
 
 def strip_html(tokens: list[str], changes: list[float], divergence: int | None) -> str:
@@ -34,6 +34,9 @@ def strip_html(tokens: list[str], changes: list[float], divergence: int | None) 
         first = position == divergence
         style = f"background:{_colour(change)};" + ("outline:2px solid #111;" if first else "")
         title = f"{change:+.3f} nats" + (" (first differing token)" if first else "")
+        if not token:  # the first bytes of a character the next token completes (analysis.displacement.token_pieces)
+            style += "display:inline-block;width:4px;height:1em;vertical-align:middle;"
+            title += " (part of the next character)"
         cells.append(f'<span class="tok" style="{style}" title="{html.escape(title)}">{_token_text(token)}</span>')
     return f'<div class="strip">{"".join(cells)}</div>'
 
