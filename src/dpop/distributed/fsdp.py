@@ -111,7 +111,10 @@ def full_state_dict(scorer) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(scorer, options=options)
-    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    # a tied weight (the lm head's) is gathered under both names; keep the one named_parameters names, as
+    # save_pretrained does for a whole model
+    kept = {name for name, _ in scorer.named_parameters()} | {name for name, _ in scorer.named_buffers()}
+    return {name.removeprefix("model."): tensor for name, tensor in state.items() if name in kept}
 
 
 def save_sharded(directory, scorer, optimizer) -> None:
