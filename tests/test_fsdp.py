@@ -24,7 +24,7 @@ def test_fsdp2_on_two_processes_takes_the_single_process_steps_and_resumes_exact
     from dpop.models import load_model
 
     common = dict(loss="dpo", learning_rate=1e-4, scheduler="constant", max_steps=3, eval_data=str(eval_pairs_file),
-                  eval_batch_size=4, save_every=2)
+                  eval_batch_size=2, save_every=2)  # 3 eval batches: [0 2] and [1, a joined round]
     one = tiny_config("one", batch_size=4, **common)
     sharded = tiny_config("sharded", batch_size=2, num_processes=2, engine="fsdp2", **common)
     train(one)

@@ -235,6 +235,16 @@ def process_share(indices: list[int], rank: int, world: int) -> tuple[list[int],
     return list(indices[:1]), 0.0
 
 
+def batch_rounds(count: int, rank: int, world: int) -> list[int | None]:
+    """The batches (0..count-1) process `rank` scores when `world` processes share `count` no-grad batches: in
+    round k, process r takes batch k·world + r. Every process runs the same number of rounds, because each
+    forward through the engine is a collective (FSDP2 gathers the weights, DDP syncs buffers); a process with no
+    batch left in the last round gets None: it joins that round with a forward whose result is thrown away.
+    5 batches over 2 processes: [0 2 4] and [1 3 None]."""
+    rounds = -(-count // world)
+    return [k * world + rank if k * world + rank < count else None for k in range(rounds)]
+
+
 def all_slices(indices: list[int], world: int) -> list[list[int]]:
     """Every process's slice of one micro-batch, in process order."""
     return [process_slice(indices, rank, world) for rank in range(world)]

@@ -141,7 +141,7 @@ def evaluate(run: Run) -> dict:
     stats = score_pairs(run.model, run.data.eval.pairs, batch_size=config.eval_batch_size, layout=run.layout(),
                         autocast=run.accelerator.autocast, reference=run.eval_reference,
                         objective=run.objective, beta=config.beta, chunk_tokens=config.chunk_tokens,
-                        forward=run.scorer)  # every process scores every eval pair: the collectives match
+                        forward=run.scorer, processes=run.accelerator)  # each process scores its share
     return {f"eval/{key}": value for key, value in pair_metrics(stats).items()}
 
 
