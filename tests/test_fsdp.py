@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import NOT_COMPARED, assert_same_run, flags, moved, rows, run_cli, weights
 
 from dpop.errors import ConfigError
 from dpop.training.loop import train
-from test_distributed import NOT_COMPARED, assert_same_run, flags, moved, rows, run_cli, weights
 
 
 def test_fsdp2_on_two_processes_takes_the_single_process_steps_and_resumes_exactly(tiny_config, eval_pairs_file):
