@@ -6,6 +6,8 @@ keep the suite's time down: the equivalence, the reference pass, eval split acro
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,36 @@ def test_fsdp2_refuses_what_it_does_not_do(tiny_config):
         tiny_config(engine="fsdp2", num_processes=2, ref_strategy="model")
     with pytest.raises(ConfigError, match="this run has one"):
         train(tiny_config(engine="fsdp2"))
+
+
+def test_the_accelerate_fsdp2_config_runs_dpop_fsdp2_and_bf16_sr_dithers_each_shard_as_the_whole(tiny_config):
+    """configs/accelerate/fsdp2.yaml through `accelerate launch` (2 CPU processes): the run records engine fsdp2,
+    and bf16-sr (each process dithers its shards with their part of the whole tensor's thresholds) trains as
+    2-process DDP bf16-sr does."""
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2.yaml"
+    common = dict(loss="dpo", learning_rate=1e-4, max_steps=2, precision="bf16-sr", batch_size=2)
+    ddp = tiny_config("ddp", num_processes=2, **common)
+    sharded = tiny_config("sharded", **common)
+    run_cli("train", *flags(ddp))
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                           "--num_processes", "2", "-m", "dpop", "train", *flags(sharded)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "engine: fsdp2" in (Path(sharded.output_dir) / "config.yaml").read_text()
+    assert_same_run(ddp, sharded, tolerance=1e-5)
+
+
+def test_accelerate_configs_dpop_cannot_follow_are_refused(tiny_config, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP version 1; dpop runs FSDP2 only"):
+        train(tiny_config())
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params: true"):
+        train(tiny_config())
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
+    with pytest.raises(ConfigError, match="engine fsdp2 shards the model over processes, and this run has one"):
+        train(tiny_config())
+    with pytest.raises(ConfigError, match="engine fsdp2 with LoRA"):
+        train(tiny_config(lora_r=4))

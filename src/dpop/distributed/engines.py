@@ -80,12 +80,19 @@ def check_engine(accelerator, config) -> None:
     """Refuse what dpop cannot do under the launched engine, and hand DeepSpeed the settings dpop owns.
     Call before accelerator.prepare. The DeepSpeed path is NOT verified (docs/scaling.md); FSDP2's refusals of
     LoRA and live references are in dpop.config.checks."""
+    from accelerate.utils import DistributedType
+
     if accelerator.gradient_accumulation_steps != 1:
         raise ConfigError(f"the accelerate config sets gradient_accumulation_steps "
                           f"{accelerator.gradient_accumulation_steps}; dpop accumulates itself: set --grad-accum "
                           f"{accelerator.gradient_accumulation_steps} and 1 (or nothing) in the accelerate config")
     if uses_fsdp2(config):
         return
+    asked_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    if asked_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"the accelerate config asks for DeepSpeed, but accelerate set this run up as "
+                          f"{accelerator.distributed_type.value} (on a CPU, accelerate 1.15 runs a DeepSpeed config "
+                          "as plain DDP); use configs/accelerate/ddp.yaml or --engine fsdp2 here, DeepSpeed on GPUs")
     name = engine_name(accelerator, config)
     if splits_state(accelerator, config) and (config.save_every or config.resume):
         raise ConfigError(f"{name} splits the optimizer state over processes, and dpop's checkpoints (save_every, "
