@@ -41,7 +41,10 @@ def test_fsdp2_on_two_processes_takes_the_single_process_steps_and_resumes_exact
     assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "weights.safetensors").exists()
     assert json.loads((checkpoint / "state.json").read_text())["num_processes"] == 2
     model, _ = load_model(Path(sharded.output_dir) / "final")  # consolidated: a plain HF model dir
-    assert {n: p for n, p in model.state_dict().items() if n in weights(sharded)}.keys() == weights(sharded).keys()
+    loaded, saved = model.state_dict(), weights(sharded)
+    assert model.config.tie_word_embeddings
+    assert torch.equal(loaded["lm_head.weight"], loaded["model.embed_tokens.weight"])
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items())
 
     short = tiny_config("short", batch_size=2, num_processes=2, engine="fsdp2", **dict(common, max_steps=2))
     again = run_cli("train", *flags(short))
