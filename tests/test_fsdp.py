@@ -72,9 +72,9 @@ def test_fsdp2_refuses_what_it_does_not_do(tiny_config):
 def test_the_accelerate_fsdp2_config_runs_dpop_fsdp2_and_bf16_sr_dithers_each_shard_as_the_whole(tiny_config):
     """configs/accelerate/fsdp2.yaml through `accelerate launch` (2 CPU processes): the run records engine fsdp2,
     and bf16-sr (each process dithers its shards with their part of the whole tensor's thresholds) trains as
-    2-process DDP bf16-sr does."""
+    2-process DDP bf16-sr does; with accumulation (FSDP2 reduce-scatters once per step)."""
     config_file = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2.yaml"
-    common = dict(loss="dpo", learning_rate=1e-4, max_steps=2, precision="bf16-sr", batch_size=2)
+    common = dict(loss="dpo", learning_rate=1e-4, max_steps=2, precision="bf16-sr", batch_size=2, grad_accum=2)
     ddp = tiny_config("ddp", num_processes=2, **common)
     sharded = tiny_config("sharded", **common)
     run_cli("train", *flags(ddp))

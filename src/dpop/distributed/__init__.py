@@ -25,6 +25,8 @@ The math is the single-process run's (docs/scaling.md):
 - The reference pre-pass is split the same way (each process scores the slices it will train on, so step-0
   rewards stay exactly 0), gathered, written once by the main process, and broadcast from it; a later run
   reads the cache on the main process only and broadcasts it, so nodes need not share $DPOP_CACHE.
+- Evaluation deals the single-process eval batches out in rounds (`batch_rounds`) and gathers the results
+  back into batch order, so its metrics are one process's.
 - Only the main process writes the run directory; the others' stdout is silenced by the CLI. Checkpoints hold
   every process's RNG state, and a run resumes only with the process count it started with.
 """
