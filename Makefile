@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dpop-installed-$(shell echo '$(DPOP_TORCH_SPEC)' | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-fast bench clean
+.PHONY: setup model demo test test-fast bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ test-fast: model
 # machine's description go to benchmarks/results/<timestamp>.json. Smoke test: benchmarks/bench.py --quick
 bench: model
 	$(BIN)/python benchmarks/bench.py
+
+# What only a GPU can show (benchmarks/gpu_check.py): a bf16 training step of every layout, the precision curves
+# and the bench against TRL on the GPU, ~6 minutes on one H200; results in benchmarks/results/gpu-check-*.json.
+# Exits 2 without CUDA. `benchmarks/gpu_check.py --cpu-smoke --model DIR` runs the same code tiny on a CPU.
+gpu-check: model
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -123,20 +123,23 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_matmul(dims: ModelDims, *, tokens: int, repeats: int = 7, dtypes=("bf16", "fp32")) -> dict:
+def measure_matmul(dims: ModelDims, *, tokens: int, repeats: int = 7, dtypes=("bf16", "fp32"),
+                   device: str = "cpu") -> dict:
     """Median GFLOP/s of (tokens × in) @ (in × out) for each shape and dtype; 'layer' is one decoder layer's
-    mix (q, k, v, o, gate, up, down: their FLOPs over their summed median times)."""
+    mix (q, k, v, o, gate, up, down: their FLOPs over their summed median times). On a GPU each timed call
+    waits for the kernel to finish."""
     import torch
 
     torch.manual_seed(0)
-    result = {"tokens": tokens, "repeats": repeats}
+    result = {"tokens": tokens, "repeats": repeats, "device": device}
+    wait = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for name in dtypes:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
         rates, layer_flops, layer_seconds = {}, 0.0, 0.0
         for shape, (inner, outer) in layer_shapes(dims).items():
-            x = torch.randn(tokens, inner, dtype=dtype)
-            w = torch.randn(inner, outer, dtype=dtype)
-            seconds = _median_seconds(lambda: torch.matmul(x, w), repeats)
+            x = torch.randn(tokens, inner, dtype=dtype, device=device)
+            w = torch.randn(inner, outer, dtype=dtype, device=device)
+            seconds = _median_seconds(lambda: (torch.matmul(x, w), wait()), repeats)
             flops = 2.0 * tokens * inner * outer
             rates[shape] = flops / seconds / 1e9
             if shape != "lm_head":

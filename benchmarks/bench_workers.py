@@ -83,9 +83,13 @@ def _lengths(prompts, chosens, rejecteds) -> dict:
 def _environment() -> dict:
     import torch
 
+    cuda = torch.cuda.is_available()
     return {"threads": torch.get_num_threads(),
             "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            # the worker's peak GPU memory held by tensors (None on a CPU): the GPU's memory figure
+            "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 def _step_record(seconds: float, pairs: int, work, dims, loss: float | None, row: dict | None = None) -> dict:
@@ -302,7 +306,10 @@ def run_matmul(args) -> dict:
     model, _ = load_model(args.model)
     dims = model_dims(model)
     del model
-    return {"engine": "matmul", "dims": dims.to_dict(), **measure_matmul(dims, tokens=args.tokens),
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"engine": "matmul", "dims": dims.to_dict(), **measure_matmul(dims, tokens=args.tokens, device=device),
             "environment": _environment()}
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpop.cli import main
-from dpop.distributed import _children, all_slices, process_share, process_slice
+from dpop.distributed import _children, all_slices, batch_rounds, process_share, process_slice
 from dpop.errors import ConfigError
 from dpop.training.loop import train
 
@@ -103,6 +103,12 @@ def test_slices_split_a_batch_in_order_and_differ_by_at_most_one_pair():
     assert process_share([4], 0, 2) == ([4], 1.0)
     assert process_share([4], 1, 2) == ([4], 0.0)  # an empty slice scores a pair with weight 0
     assert process_share([], 1, 2) == ([], 1.0)
+
+
+def test_no_grad_batches_are_shared_in_rounds_that_every_process_joins():
+    assert [batch_rounds(5, rank, 2) for rank in (0, 1)] == [[0, 2, 4], [1, 3, None]]
+    assert [batch_rounds(1, rank, 3) for rank in (0, 1, 2)] == [[0], [None], [None]]
+    assert batch_rounds(0, 0, 2) == [] and batch_rounds(4, 0, 1) == [0, 1, 2, 3]
 
 
 # --- 2 processes against 1 ------------------------------------------------------------------------------

@@ -157,10 +157,12 @@ class TrainedWeights:
     computes with (for fp32 the parameters themselves, under autocast their bf16 casts). `masters()` holds
     the fp32 weights the optimizer trains (for bf16-sr: without the dither) in the parameters for a block."""
 
-    def __init__(self, named_parameters, compute_dtype: torch.dtype = torch.float32):
-        self.named = [(name, p) for name, p in named_parameters if p.requires_grad]
+    def __init__(self, named_parameters, compute_dtype: torch.dtype = torch.float32, reduce=None):
+        # shards (FSDP2) come as their trainable parameters' local tensors, which carry no requires_grad
+        self.named = [(name, p) for name, p in named_parameters if p.requires_grad or reduce is not None]
         self.compute_dtype = compute_dtype
         self._sample = _sample_indices([p for _, p in self.named])
+        self.reduce = reduce  # sharded weights (FSDP2): the sums over every process's shard (a collective)
 
     def masters(self):
         return contextlib.nullcontext()
@@ -180,10 +182,14 @@ class TrainedWeights:
         model as it computes, ~0 in a dead zone, > 1 where rounding amplifies updates)."""
         masters_before, computes_before = before
         masters_after, computes_after = self.sample()
-        changed = sum(int((a != b).sum()) for a, b in zip(computes_after, computes_before))
-        total = sum(t.numel() for t in computes_after)
-        compute_moved = sum(float((a - b).abs().double().sum()) for a, b in zip(computes_after, computes_before))
-        master_moved = sum(float((a - b).abs().double().sum()) for a, b in zip(masters_after, masters_before))
+        sums = torch.tensor([sum(int((a != b).sum()) for a, b in zip(computes_after, computes_before)),
+                             sum(t.numel() for t in computes_after),
+                             sum(float((a - b).abs().double().sum()) for a, b in zip(computes_after, computes_before)),
+                             sum(float((a - b).abs().double().sum()) for a, b in zip(masters_after, masters_before))],
+                            dtype=torch.float64)
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        changed, total, compute_moved, master_moved = sums.tolist()
         return {"precision/updated_frac": changed / total if total else float("nan"),
                 "precision/update_ratio": compute_moved / master_moved if master_moved else float("nan")}
 
@@ -191,12 +197,16 @@ class TrainedWeights:
 class DitheredWeights(TrainedWeights):
     """bf16-sr: each trainable parameter carries its fixed dither from construction on (module docstring)."""
 
-    def __init__(self, named_parameters, seed: int):
-        super().__init__(named_parameters, torch.bfloat16)
-        self.seed = seed
+    def __init__(self, named_parameters, seed: int, *, reduce=None, ranges=None, dithered: bool = False):
+        """`ranges`: name -> (offset, whole numel) of parameters that are one process's shard of a whole tensor
+        (dpop.distributed.fsdp.flat_ranges), dithered as that part of the whole. `dithered`: the parameters
+        already carry the dither (they were sharded from dithered whole ones)."""
+        super().__init__(named_parameters, torch.bfloat16, reduce)
+        self.seed, self.ranges = seed, ranges or {}
         self.dithered = [(name, p) for name, p in self.named if _ditherable(name, p)]
         self.released = False
-        self._shift(remove=False)
+        if not dithered:
+            self._shift(remove=False)
 
     @contextlib.contextmanager
     def masters(self):
@@ -215,13 +225,16 @@ class DitheredWeights(TrainedWeights):
             self.released = True
 
     def _shift(self, *, remove: bool) -> None:
-        _shift(self.dithered, self.seed, remove=remove)
+        _shift(self.dithered, self.seed, remove=remove, ranges=self.ranges)
 
 
-def _shift(named, seed: int, *, remove: bool = False) -> None:
-    """Add (or take off) each (name, parameter)'s dither, drawn from (seed, name)."""
+def _shift(named, seed: int, *, remove: bool = False, ranges=None) -> None:
+    """Add (or take off) each (name, parameter)'s dither, drawn from (seed, name); a shard in `ranges` gets its
+    part of the whole tensor's offsets."""
     for name, parameter in named:
-        dither_bf16_(parameter.data, _thresholds(name, parameter.numel(), seed, parameter.device), remove=remove)
+        start, whole = (ranges or {}).get(name, (0, parameter.numel()))
+        offsets = _thresholds(name, whole, seed, parameter.device)[start:start + parameter.numel()]
+        dither_bf16_(parameter.data, offsets, remove=remove)
 
 
 @torch.no_grad()
@@ -281,6 +294,14 @@ def trained_weights(model, precision: str, seed: int) -> TrainedWeights:
     if precision == "bf16-sr":
         return DitheredWeights(model.named_parameters(), seed)
     return TrainedWeights(model.named_parameters(), torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def sharded_weights(named_shards, precision: str, seed: int, *, ranges, reduce) -> TrainedWeights:
+    """The TrainedWeights of one process's shards (name, local tensor) of weights `trained_weights` set up
+    whole before sharding (so bf16-sr's dither is already in them)."""
+    if precision == "bf16-sr":
+        return DitheredWeights(named_shards, seed, reduce=reduce, ranges=ranges, dithered=True)
+    return TrainedWeights(named_shards, torch.bfloat16 if precision == "bf16" else torch.float32, reduce)
 
 
 def _ditherable(name: str, parameter: torch.Tensor) -> bool:

@@ -159,6 +159,11 @@ class TrainConfig:
                                  "takes num_processes × batch_size × grad_accum pairs. Under accelerate launch or "
                                  "torchrun the launcher's count is used (docs/scaling.md). A resumed run keeps its "
                                  "count.", minimum=1)
+    engine: str = _opt("ddp", "How several processes share the model: ddp (each holds it whole; gradients "
+                              "averaged) or fsdp2 (torch's fully_shard per decoder layer: weights, gradients and "
+                              "optimizer state split over the processes; checkpoints sharded, final/ gathered; no "
+                              "LoRA, no live reference model). An accelerate config with FSDP version 2 selects "
+                              "fsdp2 (docs/scaling.md).", choices=("ddp", "fsdp2"))
     lora_r: int = _opt(0, "LoRA rank (0 = full fine-tune).", minimum=0)
     lora_alpha: float = _opt(16.0, "LoRA alpha (the adapters' scale is alpha / r).", exclusive_minimum=0.0)
     lora_target: str = _opt("all-linear", "LoRA target modules, comma-separated names (a list in YAML), or "

@@ -43,6 +43,8 @@ def check_consistency(config) -> None:
         raise ConfigError("sync_ref_model (TR-DPO) updates a live reference model from the policy: use "
                           "--ref-strategy model on a full fine-tune (a precomputed reference is fixed, and a LoRA "
                           "policy's reference is its own frozen base)")
+    if config.engine == "fsdp2":
+        check_fsdp2(config)
     if config.resume and config.overwrite:
         raise ConfigError("resume and overwrite contradict each other: --resume continues the run in output_dir, "
                           "--overwrite deletes it")
@@ -53,3 +55,15 @@ def check_consistency(config) -> None:
                               f"choose from {', '.join(TRACKERS)} or none")
     if "none" in names and len(names) > 1:
         raise ConfigError(f"report_to: 'none' cannot be combined with trackers, got {config.report_to!r}")
+
+
+def check_fsdp2(config) -> None:
+    """What dpop's FSDP2 engine (dpop.distributed.fsdp) does not do, refused before anything loads."""
+    if config.lora_r > 0 or config.ref_strategy == "lora":
+        raise ConfigError("engine fsdp2 with LoRA is not supported: the adapters would be sharded and merged into "
+                          "sharded weights; LoRA's optimizer state is small, so use --engine ddp (or lora_r 0)")
+    if config.ref_strategy in ("model", "guided"):
+        raise ConfigError(f"engine fsdp2 with ref_strategy {config.ref_strategy}: a live reference model (TDPO's, "
+                          "TR-DPO's, Pre-DPO's guide) would be held whole on every process beside the sharded policy, "
+                          "which is what sharding avoids; use --ref-strategy precompute (ref_model may name the "
+                          "reference: its log-probs are computed once, before sharding), or --engine ddp")

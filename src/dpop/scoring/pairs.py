@@ -37,36 +37,59 @@ def record_scored(stats: PairStats, objective, policy, ref, *, beta: float, redu
 @torch.no_grad()
 def score_pairs(model, pairs, *, batch_size: int, layout: dict, autocast, reference=None, objective=None,
                 beta: float = TrainConfig.beta, chunk_tokens: int = TrainConfig.chunk_tokens,
-                forward=None) -> PairStats:
+                forward=None, processes=None) -> PairStats:
     """Per-pair statistics of tokenised `pairs` in file order; `reference(batch, indices) -> RefLogps` or None.
     `objective`: the dpop.losses.Objective whose loss is logged (None: no loss). `forward(batch) ->
     SequenceLogps`: the scoring module a training engine wraps (dpop.scoring.logprobs.PolicyScorer; default:
-    sequence_logps on `model`)."""
+    sequence_logps on `model`). `processes` (an accelerator of several processes): each scores its share of the
+    batches (dpop.distributed.batch_rounds) and every process returns all of them, in file order, as one
+    process would have scored them."""
+    from dpop.distributed import SingleProcess, batch_rounds, gather_values
+
+    processes = processes or SingleProcess()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    stats = PairStats()
+    batches = list(ordered_batches(pairs, batch_size, **layout))
+    mine: dict[int, PairStats] = {}
     try:
-        for batch, indices in ordered_batches(pairs, batch_size, **layout):
-            batch = batch.to(device)
-            target = None
-            if objective is not None and objective.needs_kl:  # TDPO: a live reference's states, before the policy
-                target = reference(batch, indices, keep_hidden=True)
-            with autocast():
-                if forward is None:
-                    policy = sequence_logps(model, batch, chunk_tokens=chunk_tokens, kl_target=target)
-                else:
-                    policy = forward(batch, kl_target=target) if target is not None else forward(batch)
-            if target is not None:
-                ref = target
-            elif isinstance(reference, OwnReference):
-                ref = reference.record(indices, policy)
-            else:
-                ref = reference(batch, indices) if reference is not None else None
-            record_scored(stats, objective, policy, ref, beta=beta)
+        for position in batch_rounds(len(batches), processes.process_index, processes.num_processes):
+            batch, indices = batches[position if position is not None else 0]
+            stats = mine.setdefault(position, PairStats())  # None: a round this process only joins (discarded)
+            _score_batch(stats, model, batch.to(device), indices, autocast=autocast, reference=reference,
+                         objective=objective, beta=beta, chunk_tokens=chunk_tokens, forward=forward)
     finally:
         model.train(was_training)
-    return stats
+    mine.pop(None, None)
+    if processes.num_processes == 1:
+        return _in_order(mine)
+    return _in_order({k: v for share in gather_values(mine, processes) for k, v in share.items()})
+
+
+def _in_order(by_batch: dict[int, PairStats]) -> PairStats:
+    merged = PairStats()
+    for position in sorted(by_batch):
+        for name, pieces in by_batch[position].parts.items():
+            merged.parts.setdefault(name, []).extend(pieces)
+    return merged
+
+
+def _score_batch(stats, model, batch, indices, *, autocast, reference, objective, beta, chunk_tokens, forward):
+    target = None
+    if objective is not None and objective.needs_kl:  # TDPO: a live reference's states, before the policy
+        target = reference(batch, indices, keep_hidden=True)
+    with autocast():
+        if forward is None:
+            policy = sequence_logps(model, batch, chunk_tokens=chunk_tokens, kl_target=target)
+        else:
+            policy = forward(batch, kl_target=target) if target is not None else forward(batch)
+    if target is not None:
+        ref = target
+    elif isinstance(reference, OwnReference):
+        ref = reference.record(indices, policy)
+    else:
+        ref = reference(batch, indices) if reference is not None else None
+    record_scored(stats, objective, policy, ref, beta=beta)
 
 
 def pair_metrics(stats: PairStats) -> dict[str, float]:

@@ -12,6 +12,7 @@ adapter and the tokenizer instead (dpop.models.load_model and peft's AutoPeftMod
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from dpop import distributed
 from dpop.errors import ConfigError
 
 STATE_FILE = "state.json"
+SHARDED_DIR = "sharded"  # FSDP2: model and optimizer shards, by torch.distributed.checkpoint
 REFERENCE_FILE = "reference.safetensors"  # TR-DPO: the reference has moved since the start
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "summary.json")
 
@@ -154,6 +157,8 @@ def _fsync_dir(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif file.is_dir():  # SHARDED_DIR
+            _fsync_dir(file)
     _fsync_entries(path)
 
 
@@ -194,25 +199,38 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _staging(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f".step-{step}.partial"
+
+
+def new_staging(run_dir: Path, step: int) -> Path:
+    """An empty staging dir for checkpoint `step` (what was left of an interrupted one is removed)."""
+    staging = _staging(run_dir, step)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, *, keep: int,
-                    rng_states: list[dict] | None = None, reference: dict | None = None) -> Path:
+                    rng_states: list[dict] | None = None, reference: dict | None = None,
+                    sharded: bool = False) -> Path:
     """Write checkpoints/step-N atomically. `rng_states`: every process's `rng_state()` in process order
-    (a multi-process run; default: this process's). `reference`: a changing reference's weights (TR-DPO)."""
+    (a multi-process run; default: this process's). `reference`: a changing reference's weights (TR-DPO).
+    `sharded`: the weights and the optimizer state are in the staging dir's SHARDED_DIR already (FSDP2: every
+    process wrote its shards there), so only the rest is written here."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
-    staging = root / f".step-{state.step}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    weights = {name: t.contiguous().clone() for name, t in trainable_state(model).items()}
-    save_file(weights, str(staging / "weights.safetensors"))
+    staging = _staging(run_dir, state.step) if sharded else new_staging(run_dir, state.step)
+    if not sharded:
+        weights = {name: t.contiguous().clone() for name, t in trainable_state(model).items()}
+        save_file(weights, str(staging / "weights.safetensors"))
     if reference is not None:
         save_file(reference, str(staging / REFERENCE_FILE))
     rng_states = rng_states or [_rng_state()]
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states[0],
-                "rng_by_process": rng_states}, staging / "optimizer.pt")
+    torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_states[0], "rng_by_process": rng_states}, staging / "optimizer.pt")
     (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     _fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)
@@ -236,36 +254,42 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, *, process_index: int = 0,
-                    reference=None) -> TrainState:
+                    reference=None, load_sharded=None) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG (process `process_index`'s) from one checkpoint dir (raises
-    if it is damaged); `reference` (a dpop.training.sync.ReferenceSync) gets the reference's weights back."""
+    if it is damaged); `reference` (a dpop.training.sync.ReferenceSync) gets the reference's weights back.
+    `load_sharded(dir)`: loads the weights and optimizer state of an FSDP2 checkpoint (a collective)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "weights.safetensors"))
-    expected = trainable_state(model)
-    if set(weights) != set(expected):
-        raise ValueError(f"{path}: weights do not match the model's trainable parameters")
     extra = torch.load(path / "optimizer.pt", weights_only=True)
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in weights:
-                param.copy_(weights[name])
+    if (load_sharded is None) == (path / SHARDED_DIR).is_dir():
+        raise ValueError(f"{path}: a {'sharded' if load_sharded is None else 'whole'} checkpoint, and this run's "
+                         "engine writes the other kind")
+    if load_sharded is not None:
+        load_sharded(path / SHARDED_DIR)
+    else:
+        weights = load_file(str(path / "weights.safetensors"))
+        if set(weights) != set(trainable_state(model)):
+            raise ValueError(f"{path}: weights do not match the model's trainable parameters")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        optimizer.load_state_dict(extra["optimizer"])
     if reference is not None:
         reference.load_state_dict(load_file(str(path / REFERENCE_FILE)))
-    optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra.get("rng_by_process", [extra["rng"]])[process_index])
     return state
 
 
 def restore_latest(run_dir: Path, model, optimizer, scheduler, *, process_index: int = 0,
-                   reference=None) -> tuple[TrainState, Path] | None:
+                   reference=None, load_sharded=None) -> tuple[TrainState, Path] | None:
     """Load the newest checkpoint that loads; a damaged one is skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir / "checkpoints")):
         try:
             return load_checkpoint(path, model, optimizer, scheduler, process_index=process_index,
-                                   reference=reference), path
+                                   reference=reference, load_sharded=load_sharded), path
         except Exception as error:  # truncated or corrupt files: fall back to the previous checkpoint
             warnings.warn(f"checkpoint {path} cannot be loaded ({_load_failure(error)}); trying the previous one",
                           stacklevel=2)
@@ -281,3 +305,57 @@ def _load_failure(error: Exception) -> str:
         return "optimizer.pt holds pickled objects other than tensors and numbers; refused without running them"
     lines = [line for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"
+
+
+# --- a run's checkpoints --------------------------------------------------------------------------------
+
+def save_run_checkpoint(run) -> Path:
+    """Checkpoint a dpop.training.setup.Run at its step. Every process calls it (their RNG states are gathered;
+    under FSDP2 each writes its shards); the main process writes the rest."""
+    accelerator, config = run.accelerator, run.config
+    path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
+    fsdp2 = distributed.uses_fsdp2(config)
+    if distributed.splits_state(accelerator, config) and not fsdp2:  # refused in setup unless a stop asks for one
+        logging.getLogger(__name__).warning("dpop: no checkpoint: %s splits the optimizer state",
+                                            distributed.engine_name(accelerator, config))
+        return path
+    rng_states = distributed.gather_values(rng_state(), accelerator)
+    if fsdp2:
+        from dpop.distributed.fsdp import save_sharded
+
+        staging = distributed.from_main(new_staging(run.run_dir, run.state.step) if accelerator.is_main_process
+                                        else None, accelerator)  # made before any process writes into it
+        with run.weights.masters():
+            save_sharded(staging / SHARDED_DIR, run.scorer, run.optimizer)
+    if accelerator.is_main_process:
+        with run.weights.masters():
+            save_checkpoint(run.run_dir, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                            run.state, keep=config.keep_checkpoints, rng_states=rng_states,
+                            reference=run.sync.state_dict() if run.sync else None, sharded=fsdp2)
+    if fsdp2:
+        accelerator.wait_for_everyone()  # no process goes on (or leaves) before the checkpoint is complete
+    return path
+
+
+def resume_run(run) -> None:
+    """Put a Run back at its newest loadable checkpoint (every process calls it)."""
+    accelerator = run.accelerator
+    load_sharded = None
+    if distributed.uses_fsdp2(run.config):
+        from dpop.distributed.fsdp import load_sharded as load
+
+        def load_sharded(directory):
+            load(directory, run.scorer, run.optimizer)
+    with run.weights.masters():  # a checkpoint holds the weights without bf16-sr's dither, which is added back
+        restored = restore_latest(run.run_dir, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                                  process_index=accelerator.process_index, reference=run.sync,
+                                  load_sharded=load_sharded)
+    if restored is None:
+        logging.getLogger(__name__).warning("dpop: %s has no loadable checkpoint; starting from step 0", run.run_dir)
+        return
+    if restored[0].num_processes != accelerator.num_processes:
+        raise ConfigError(f"--resume: {restored[1]} was written by {restored[0].num_processes} process(es), this run "
+                          f"has {accelerator.num_processes}; resume with {restored[0].num_processes}")
+    run.state, path = restored
+    logging.getLogger(__name__).info("dpop: resumed from %s (step %d, %d pairs seen)", path, run.state.step,
+                                     run.state.pairs_seen)

@@ -35,11 +35,10 @@ from dpop import distributed, precision
 from dpop.config import TrainConfig, make_config
 from dpop.config.flags import write_yaml
 from dpop.data.order import micro_batches, optimizer_steps, pair_lengths
-from dpop.errors import ConfigError
 from dpop.scoring.batching import make_batch
 from dpop.scoring.metrics import PRECISION_KEYS, PairStats, summarize_pairs
 from dpop.scoring.pairs import pair_metrics, record_scored, score_pairs
-from dpop.training.checkpoint import make_run_dir, restore_latest, rng_state, save_checkpoint, save_final
+from dpop.training.checkpoint import make_run_dir, resume_run, save_final, save_run_checkpoint
 from dpop.training.monitor import DeadZoneWatch, FailureModeWatch, MetricsLog, tracker_values
 from dpop.training.setup import Run, RunInputs, setup
 from dpop.training.stopping import StopSignals, non_finite_error, run_stopped
@@ -89,7 +88,7 @@ def train_step(run: Run, step_batches) -> dict:
     for position, micro in enumerate(step_batches):
         is_last = position == len(step_batches) - 1
         accelerator.sync_gradients = is_last  # DeepSpeed ends the step at the backward that syncs
-        with contextlib.nullcontext() if is_last else accelerator.no_sync(run.scorer):  # reduce once per step
+        with contextlib.nullcontext() if is_last else distributed.no_sync(accelerator, run.scorer, run.config):
             loss, micro_tokens = _micro_batch_loss(run, micro, stats, units_in_step)
             accelerator.backward(loss)
         tokens += micro_tokens
@@ -122,9 +121,7 @@ def _clip(run: Run) -> float:
     params = [p for p in run.model.parameters() if p.grad is not None]
     if not params:
         return 0.0
-    if run.config.max_grad_norm > 0:
-        return float(run.accelerator.clip_grad_norm_(params, run.config.max_grad_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+    return distributed.clip_gradients(run.accelerator, run.config, params, run.config.max_grad_norm)
 
 
 def _peak_memory_gb() -> float:
@@ -144,7 +141,7 @@ def evaluate(run: Run) -> dict:
     stats = score_pairs(run.model, run.data.eval.pairs, batch_size=config.eval_batch_size, layout=run.layout(),
                         autocast=run.accelerator.autocast, reference=run.eval_reference,
                         objective=run.objective, beta=config.beta, chunk_tokens=config.chunk_tokens,
-                        forward=run.scorer)  # every process scores every eval pair: the collectives match
+                        forward=run.scorer, processes=run.accelerator)  # each process scores its share
     return {f"eval/{key}": value for key, value in pair_metrics(stats).items()}
 
 
@@ -218,7 +215,7 @@ def _run(run: Run) -> dict:
     if main:
         make_run_dir(run.run_dir)
     if config.resume:
-        _resume(run)
+        resume_run(run)
     if main:
         write_yaml(config, run.run_dir / "config.yaml")
     log = (MetricsLog(run.run_dir / "metrics.jsonl", truncate_after_step=run.state.step if config.resume else None)
@@ -242,11 +239,11 @@ def _run(run: Run) -> dict:
         log.close()
     saved = distributed.from_main((run.run_dir / "checkpoints" / f"step-{run.state.step}").exists(), run.accelerator)
     if config.save_every and not saved:
-        _save_checkpoint(run)
+        save_run_checkpoint(run)
     final = run.run_dir / "final"
     precision.restore_sdpa(run.accelerator.unwrap_model(run.model))  # final/ names a standard attention
     with run.weights.masters():  # final/ holds the weights without bf16-sr's dither
-        weights = distributed.gathered_weights(run.accelerator, run.scorer)  # FSDP / ZeRO-3 only; all processes
+        weights = distributed.gathered_weights(run.accelerator, config, run.scorer)  # FSDP / ZeRO-3 only; all processes
         if main:
             save_final(run.run_dir, run.accelerator.unwrap_model(run.model), run.tokenizer,
                        adapter_only=config.lora_save == "adapter", state_dict=weights)
@@ -260,35 +257,6 @@ def _run(run: Run) -> dict:
     logger.info(summary_line(run.state.step, last_row, final_eval, final))
     distributed.shut_down(run.accelerator, run.scorer)
     return summary
-
-
-def _resume(run: Run) -> None:
-    with run.weights.masters():  # a checkpoint holds the weights without bf16-sr's dither, which is added back
-        restored = restore_latest(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer,
-                                  run.scheduler, process_index=run.accelerator.process_index, reference=run.sync)
-    if restored is None:
-        logger.warning("dpop: %s has no loadable checkpoint; starting from step 0", run.run_dir)
-        return
-    if restored[0].num_processes != run.accelerator.num_processes:
-        raise ConfigError(f"--resume: {restored[1]} was written by {restored[0].num_processes} process(es), this run "
-                          f"has {run.accelerator.num_processes}; resume with {restored[0].num_processes}")
-    run.state, path = restored
-    logger.info("dpop: resumed from %s (step %d, %d pairs seen)", path, run.state.step, run.state.pairs_seen)
-
-
-def _save_checkpoint(run: Run) -> Path:
-    """Every process calls it (their RNG states are gathered); the main process writes."""
-    path = run.run_dir / "checkpoints" / f"step-{run.state.step}"
-    if distributed.splits_state(run.accelerator):  # refused in setup unless a stop signal asks for one
-        logger.warning("dpop: no checkpoint: %s splits the optimizer state", distributed.engine_name(run.accelerator))
-        return path
-    rng_states = distributed.gather_values(rng_state(), run.accelerator)
-    if run.accelerator.is_main_process:
-        with run.weights.masters():
-            save_checkpoint(run.run_dir, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
-                            run.state, keep=run.config.keep_checkpoints, rng_states=rng_states,
-                            reference=run.sync.state_dict() if run.sync else None)
-    return path
 
 
 def _log(run: Run, log: MetricsLog, row: dict) -> None:
@@ -341,7 +309,7 @@ def _loop(run: Run, log: MetricsLog, watches, stop: StopSignals | None = None) -
         # no checkpoint of a skipped step: the newest checkpoint stays the last good one
         saved = bool(config.save_every and step % config.save_every == 0 and not bad_streak)
         if saved:
-            _save_checkpoint(run)
+            save_run_checkpoint(run)
         # all processes stop after the same step, whichever got the signal (one that lands while they agree
         # counts at the next step)
         stopping = stop is not None and distributed.agree_on_stop(stop.received, run.accelerator)
@@ -349,7 +317,7 @@ def _loop(run: Run, log: MetricsLog, watches, stop: StopSignals | None = None) -
             stop.received = stopping
         if stopping and step < run.total_steps:
             if not saved:
-                _save_checkpoint(run)
+                save_run_checkpoint(run)
             break
     bar.close()
     return row

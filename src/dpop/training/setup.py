@@ -235,6 +235,20 @@ def _filter_ches(config: TrainConfig, model, tokenizer, data, processes):
     return replace(data, train=replace(train, pairs=kept))
 
 
+def _shard(scorer, config: TrainConfig, accelerator):
+    """FSDP2 (dpop.distributed.fsdp): the sharded scorer and the TrainedWeights of this process's shards. The
+    reference pass has run on the whole model before (each process scored its slices, as under DDP), and
+    bf16-sr's dither is already in the weights being sharded."""
+    from dpop.distributed import fsdp
+
+    settings = fsdp.fsdp2_launched() or {}
+    scorer = fsdp.shard(scorer, accelerator.device, reshard_after_forward=settings.get("reshard_after_forward", True))
+    weights = precision.sharded_weights(fsdp.local_parameters(scorer.model), config.precision, config.seed,
+                                        ranges=fsdp.flat_ranges(scorer.model),
+                                        reduce=lambda sums: accelerator.reduce(sums, reduction="sum"))
+    return scorer, weights
+
+
 def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     """Validate, load, tokenise and build the reference; write nothing to the run dir except deleting the
     old run on --overwrite once everything else has succeeded."""
@@ -267,10 +281,13 @@ def setup(config: TrainConfig, inputs: RunInputs | None = None) -> Run:
     if config.overwrite and accelerator.is_main_process:
         clear_run_dir(run_dir)
     model.train()
-    optimizer, scheduler = _make_optimizer(config, model, total_steps)
-    scorer, optimizer, scheduler = accelerator.prepare(PolicyScorer(model, config.chunk_tokens, config.ld_alpha,
-                                                                    config.use_weighting),
-                                                       optimizer, scheduler)
+    scorer = PolicyScorer(model, config.chunk_tokens, config.ld_alpha, config.use_weighting)
+    if distributed.uses_fsdp2(config):  # dpop shards the scorer itself; the optimizer gets the shards
+        scorer, weights = _shard(scorer, config, accelerator)
+        optimizer, scheduler = _make_optimizer(config, model, total_steps)
+    else:
+        optimizer, scheduler = _make_optimizer(config, model, total_steps)
+        scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
     run = Run(config, run_dir, model, tokenizer, accelerator, data, reference, eval_reference, optimizer, scheduler,
               total_steps, objective_of(config), state=TrainState(num_processes=accelerator.num_processes),
               scorer=scorer, weights=weights)

@@ -1,6 +1,9 @@
-"""One run on several processes: accelerate's engines (DDP; FSDP2 and DeepSpeed ZeRO by an accelerate config).
+"""One run on several processes: DDP (accelerate's), FSDP2 (dpop's own fully_shard, dpop.distributed.fsdp), and
+DeepSpeed ZeRO by an accelerate config (unverified). This module: launching and which pairs a process takes;
+dpop.distributed.engines: setting the engine up and taking it down.
 
     dpop train --num-processes 2 --batch-size 4 ...            # N local processes (torchrun underneath)
+    dpop train --num-processes 2 --engine fsdp2 ...             # the same, sharded (dpop.distributed.fsdp)
     accelerate launch --config_file configs/accelerate/ddp.yaml -m dpop train --batch-size 4 ...
     torchrun --nproc-per-node 2 -m dpop train --batch-size 4 ...
 
@@ -22,6 +25,8 @@ The math is the single-process run's (docs/scaling.md):
 - The reference pre-pass is split the same way (each process scores the slices it will train on, so step-0
   rewards stay exactly 0), gathered, written once by the main process, and broadcast from it; a later run
   reads the cache on the main process only and broadcasts it, so nodes need not share $DPOP_CACHE.
+- Evaluation deals the single-process eval batches out in rounds (`batch_rounds`) and gathers the results
+  back into batch order, so its metrics are one process's.
 - Only the main process writes the run directory; the others' stdout is silenced by the CLI. Checkpoints hold
   every process's RNG state, and a run resumes only with the process count it started with.
 """
@@ -34,12 +39,26 @@ import os
 import signal
 import subprocess
 import sys
-from typing import NoReturn
 
 import torch
 
+from dpop.distributed.engines import (
+    check_engine,
+    clip_gradients,
+    engine_name,
+    exit_worker,
+    gathered_weights,
+    no_sync,
+    shut_down,
+    splits_parameters,
+    splits_state,
+    uses_fsdp2,
+)
 from dpop.errors import ConfigError
 from dpop.precision import uses_bf16
+
+__all__ = ["check_engine", "clip_gradients", "engine_name", "exit_worker", "gathered_weights", "no_sync",
+           "shut_down", "splits_parameters", "splits_state", "uses_fsdp2"]  # callers use dpop.distributed.NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +167,22 @@ def check_launch(config):
         raise ConfigError(f"the accelerate config asks for mixed_precision {launcher_precision} but precision is "
                           f"{config.precision}; dpop supports fp32, bf16 and bf16-sr: make them agree (--precision "
                           "bf16-sr, or mixed_precision 'no' in the accelerate config to let dpop's precision decide)")
-    return dataclasses.replace(config, num_processes=launched)
+    return _check_engine_launch(dataclasses.replace(config, num_processes=launched))
+
+
+def _check_engine_launch(config):
+    """engine fsdp2 under an accelerate config with FSDP2 (its settings are refused where dpop does not follow
+    them); fsdp2 needs several processes."""
+    from dpop.config.checks import check_fsdp2
+    from dpop.distributed.fsdp import fsdp2_launched
+
+    if fsdp2_launched() is not None and config.engine != "fsdp2":
+        config = dataclasses.replace(config, engine="fsdp2")
+        check_fsdp2(config)
+    if config.engine == "fsdp2" and config.num_processes == 1:
+        raise ConfigError("engine fsdp2 shards the model over processes, and this run has one; pass "
+                          "--num-processes N (N > 1), or drop --engine fsdp2")
+    return config
 
 
 def check_resume_processes(config, processes: int) -> None:
@@ -201,6 +235,16 @@ def process_share(indices: list[int], rank: int, world: int) -> tuple[list[int],
     if share or not indices:
         return share, 1.0
     return list(indices[:1]), 0.0
+
+
+def batch_rounds(count: int, rank: int, world: int) -> list[int | None]:
+    """The batches (0..count-1) process `rank` scores when `world` processes share `count` no-grad batches: in
+    round k, process r takes batch k·world + r. Every process runs the same number of rounds, because each
+    forward through the engine is a collective (FSDP2 gathers the weights, DDP syncs buffers); a process with no
+    batch left in the last round gets None: it joins that round with a forward whose result is thrown away.
+    5 batches over 2 processes: [0 2 4] and [1 3 None]."""
+    rounds = -(-count // world)
+    return [k * world + rank if k * world + rank < count else None for k in range(rounds)]
 
 
 def all_slices(indices: list[int], world: int) -> list[list[int]]:
@@ -266,103 +310,6 @@ def agree_on_stop(received: str | None, processes) -> str | None:
     if processes.num_processes == 1:
         return received
     return next((name for name in gather_values(received, processes) if name), None)
-
-
-# --- the engines ----------------------------------------------------------------------------------------
-
-_ENGINES_KEPT: list = []  # multi-process runs' engines, never freed before the worker leaves (see shut_down)
-
-
-def shut_down(accelerator, engine=None) -> None:
-    """End a run, at its end or on a stop: every process waits for the others (the main one may still be writing
-    the final model), then the trackers finish and the process group is destroyed (a no-op for one process).
-
-    On several processes the accelerator and the wrapped `engine` are kept alive until the worker leaves
-    (exit_worker): freeing DDP's Reducer destroys the gloo process group it holds, whose destructor joins gloo's
-    run-loop threads while this thread holds the GIL; a run-loop thread that is at that moment releasing a tensor
-    waits for the GIL, and the worker hangs for ever (seen once in a test run here, torch 2.13: the main thread in
-    ~ProcessGroupGloo -> std::thread::join from Reducer dealloc, a pt_gloo_runloop thread in take_gil)."""
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if accelerator.num_processes > 1:
-        _ENGINES_KEPT.append((accelerator, engine))
-
-
-def exit_worker(code: int) -> NoReturn:
-    """End a process of a multi-process run with `code`, skipping the interpreter's teardown.
-
-    destroy_process_group does not stop gloo's threads: two pt_gloo_runloop and a gloo_tcp_loop are still alive
-    after it and a gc.collect(), with no DDP or ProcessGroup object left in Python (C++ keeps the group). Tearing
-    the interpreter down around them aborted workers that had finished cleanly ('terminate called without an
-    active exception', SIGABRT, no Python frame) in 3 of 51 two-process test runs here (torch 2.13), and in 1 of
-    76 with the barrier in `shut_down`; torchrun then reports the run failed. Everything a run writes is closed
-    by now (metrics, checkpoints, final model, summary), so the worker flushes its streams and logging and
-    leaves at once, as multiprocessing's children do."""
-    import logging
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
-
-
-def engine_name(accelerator) -> str:
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    if kind == DistributedType.FSDP:
-        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
-    return "DDP" if accelerator.num_processes > 1 else "one process"
-
-
-def splits_state(accelerator) -> bool:
-    """FSDP and DeepSpeed split optimizer state (and, FSDP and ZeRO-3, the parameters) over processes."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def splits_parameters(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED
-                                            and accelerator.state.deepspeed_plugin.zero_stage == 3)
-
-
-def check_engine(accelerator, config) -> None:
-    """Refuse what dpop cannot do under the launched engine, and hand DeepSpeed the settings dpop owns.
-    Call before accelerator.prepare. The FSDP and DeepSpeed paths are NOT verified (docs/scaling.md)."""
-    if accelerator.gradient_accumulation_steps != 1:
-        raise ConfigError(f"the accelerate config sets gradient_accumulation_steps "
-                          f"{accelerator.gradient_accumulation_steps}; dpop accumulates itself: set --grad-accum "
-                          f"{accelerator.gradient_accumulation_steps} and 1 (or nothing) in the accelerate config")
-    name = engine_name(accelerator)
-    if splits_state(accelerator) and (config.save_every or config.resume):
-        raise ConfigError(f"{name} splits the optimizer state over processes, and dpop's checkpoints (save_every, "
-                          "--resume) hold it whole: they work with DDP only for now; set save_every 0 or use DDP")
-    if splits_parameters(accelerator) and (config.lora_r > 0 or config.ref_strategy == "lora"):
-        raise ConfigError(f"LoRA under {name} is not supported (its adapters would be sharded and merged on one "
-                          "process); LoRA's optimizer state is small: use DDP (configs/accelerate/ddp.yaml)")
-    if splits_state(accelerator) and config.precision == "bf16-sr":
-        raise ConfigError(f"precision bf16-sr under {name} is not supported yet (its dither is added to and taken "
-                          "off whole parameters, which this engine shards); use --precision bf16 or fp32 there, "
-                          "or DDP")
-    if name.startswith("DeepSpeed"):
-        settings = accelerator.state.deepspeed_plugin.deepspeed_config
-        settings["train_micro_batch_size_per_gpu"] = config.batch_size  # dpop has no DataLoader to read it from
-        settings["gradient_clipping"] = config.max_grad_norm
-
-
-def gathered_weights(accelerator, scorer) -> dict | None:
-    """The whole model's weights for final/ when the engine splits the parameters (FSDP, ZeRO-3), keyed as the
-    causal LM's; a collective that every process calls; None where every process holds the weights whole."""
-    if not splits_parameters(accelerator):
-        return None
-    state = accelerator.get_state_dict(scorer)
-    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
 
 class DiscardLog:
