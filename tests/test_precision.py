@@ -43,6 +43,24 @@ def test_bf16_on_cpu_runs_attention_in_fp32_with_the_same_logits(tiny_model_dir)
     assert torch.allclose(ours, theirs, atol=0.05)  # the same model; only the attention arithmetic differs
 
 
+def test_the_fp32_attention_keeps_a_left_padding_mask(tiny_model_dir):
+    """transformers builds no mask for an attention name its mask registry lacks: the wrapper must bring sdpa's,
+    or left-padded rows (batched generation) attend to their padding."""
+    from dpop.models import load_model
+    from dpop.precision import fp32_attention_scope, use_fp32_attention
+
+    model, _ = load_model(str(tiny_model_dir))
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [4, 5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with fp32_attention_scope():
+            use_fp32_attention(model)
+            ours = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.allclose(ours[:, 3:], expected[:, 3:], atol=1e-5)  # every real token, the padded row's included
+
+
 def test_fp32_leaves_attention_alone(tiny_model_dir):
     from dpop.models import load_model
 
