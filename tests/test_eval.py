@@ -162,15 +162,21 @@ def test_generation_stops_a_row_once_it_says_so(tiny):
     assert len(seen) == 2 * 3  # asked after each of 3 tokens for each row, then generation ended
 
 
-def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
-    from transformers import StoppingCriteriaList
-
+def _peaky(tiny):
+    """The tiny model with larger random weights, so its next-token distributions are far from uniform."""
     model, tokenizer = tiny
     model = copy.deepcopy(model)
     torch.manual_seed(0)
-    with torch.no_grad():  # larger random weights: the tiny model's greedy tokens then differ from row to row
+    with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(std=0.5) if parameter.dim() > 1 else None
+    return model, tokenizer
+
+
+def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
+    from transformers import StoppingCriteriaList
+
+    model, tokenizer = _peaky(tiny)  # larger random weights: the greedy tokens then differ from row to row
     prompts = ["What is 2 + 3?", "Seven times six, please: what is it?", "1 + 1?", "Add 12 and 30 and 5, then say it."]
     encoded = [dpop.evaluation.generate.prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))
@@ -183,7 +189,7 @@ def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
     hook = model.register_forward_hook(lambda module, args, kwargs, out: rows_per_call.append(kwargs["input_ids"].shape[0]),
                                        with_kwargs=True)
     try:
-        new = dpop.evaluation.generate.greedy_ids(model, input_ids, attention_mask, max_new_tokens=10,
+        new = dpop.evaluation.generate.decode_ids(model, input_ids, attention_mask, max_new_tokens=10,
                                        eos_token_id=tokenizer.eos_token_id, done=done)
     finally:
         hook.remove()
@@ -203,15 +209,45 @@ def test_greedy_decoding_drops_finished_rows_and_matches_generate(tiny):
         assert new[row] == expected
 
 
+def test_sampling_draws_from_the_tempered_softmax(tiny):
+    model, tokenizer = _peaky(tiny)
+    prompt = dpop.evaluation.generate.prompt_ids(tokenizer, "What is 2 + 3?")
+    temperature, draws = 0.8, 4000
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float() / temperature, -1)
+    input_ids = torch.tensor([prompt] * draws)
+    first = dpop.evaluation.generate.decode_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=1,
+                                                eos_token_id=None, temperature=temperature,
+                                                generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(torch.tensor([ids[0] for ids in first]), minlength=probs.numel()).double()
+    likely = probs > 0.02
+    assert likely.sum() >= 2  # more than one token is in play
+    sigma = (draws * probs * (1 - probs)).sqrt()
+    assert ((counts - draws * probs).abs()[likely] < 5 * sigma[likely]).all()
+    rest = probs[~likely].sum().double()  # the unlikely tokens together, as one outcome
+    assert abs(counts[~likely].sum() - draws * rest) < 5 * (draws * rest * (1 - rest)).sqrt() + 1
+
+
+def test_sampling_is_seeded_and_tends_to_greedy_at_low_temperature(tiny):
+    model, tokenizer = _peaky(tiny)
+    prompts = ["What is 2 + 3?", "1 + 1?"] * 4
+    sample = lambda temperature, seed: dpop.evaluation.generate.generate_texts(  # noqa: E731
+        model, tokenizer, prompts, max_new_tokens=8, batch_size=3, temperature=temperature, seed=seed,
+        progress=False)
+    assert sample(1.0, 0) == sample(1.0, 0)
+    assert sample(1.0, 0) != sample(1.0, 1)
+    assert sample(1e-4, 5) == sample(0.0, 0)  # every draw is the argmax once T is small
+
+
 def test_greedy_decoding_reports_each_finished_row_once(tiny):
     model, tokenizer = tiny
     input_ids = torch.tensor([dpop.evaluation.generate.prompt_ids(tokenizer, "What is 2 + 3?")] * 3)
     finished = []
-    new = dpop.evaluation.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=4,
+    new = dpop.evaluation.generate.decode_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=4,
                                    eos_token_id=None, done=lambda ids: len(ids) >= 2, on_finished=finished.append)
     assert [len(ids) for ids in new] == [2, 2, 2] and finished == [3]
     finished.clear()
-    assert dpop.evaluation.generate.greedy_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=0,
+    assert dpop.evaluation.generate.decode_ids(model, input_ids, torch.ones_like(input_ids), max_new_tokens=0,
                                     eos_token_id=None, on_finished=finished.append) == [[], [], []]
     assert finished == [3]
 

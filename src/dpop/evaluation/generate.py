@@ -25,25 +25,17 @@ def prompt_ids(tokenizer, prompt, *, as_user_turn: bool = False) -> list[int]:
     return _encode_text(tokenizer, text, special=not templated)
 
 
-class _StopWhen:
-    """A generate() stopping criterion: row r is done once `done(text generated so far)` holds."""
-
-    def __init__(self, done, tokenizer, prompt_width: int):
-        self.done, self.tokenizer, self.prompt_width = done, tokenizer, prompt_width
-
-    def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor([self.done(text) for text in texts], dtype=torch.bool, device=input_ids.device)
-
-
 @torch.no_grad()
-def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_token_id: int | None,
-               done=None, on_finished=None) -> list[list[int]]:
-    """Greedy decoding of left-padded prompts that drops each row from the batch once it is finished (EOS,
-    max_new_tokens, or `done(new ids)`), so a batch stops paying for rows that are done: every step's
-    matmuls and KV cache hold only live rows. Returns each row's new ids, EOS excluded. The tokens are
-    generate(do_sample=False)'s: the same positions (from the attention mask), cache and argmax.
-    `on_finished(n)` is told each time n rows finish (a progress bar)."""
+def decode_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_token_id: int | None,
+               temperature: float = 0.0, generator: torch.Generator | None = None, done=None,
+               on_finished=None) -> list[list[int]]:
+    """Decoding of left-padded prompts with a KV cache that drops each row from the batch once it is finished
+    (EOS, max_new_tokens, or `done(new ids)`), so a batch stops paying for rows that are done: every step's
+    matmuls and cache hold only live rows. Returns each row's new ids, EOS excluded.
+
+    Greedy when temperature is 0: then the tokens are generate(do_sample=False)'s (the same positions, from
+    the attention mask, the same cache and argmax). Otherwise each token is drawn from softmax(logits / T) in
+    fp32 with `generator` (no top-k or top-p truncation). `on_finished(n)` is told each time n rows finish."""
     from transformers import DynamicCache
 
     new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -58,7 +50,7 @@ def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_tok
     positions = positions[:, -1:]
     live = list(range(input_ids.shape[0]))  # batch row j holds prompt live[j]
     for _ in range(max_new_tokens):
-        tokens = logits[:, -1].argmax(-1)
+        tokens = _next_tokens(logits[:, -1], temperature, generator)
         keep = []
         for j, token in enumerate(tokens.tolist()):
             if token == eos_token_id:
@@ -83,6 +75,14 @@ def greedy_ids(model, input_ids, attention_mask, *, max_new_tokens: int, eos_tok
     return new  # every row ends inside the loop: at max_new_tokens at the latest
 
 
+def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Each row's next token: the argmax, or a draw from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batch_size: int = 16,
                    temperature: float = 0.0, as_user_turn: bool = False, progress: bool = True, seed: int = 0,
@@ -92,11 +92,10 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
 
     Prompts are sorted by length so each batch pads little, and left-padded so generation continues
     from every prompt's last token. `stop_when(text) -> bool` ends a row early (besides EOS and
-    max_new_tokens), e.g. once it has stated its answer. Greedy decoding drops finished rows from the batch
-    (greedy_ids); sampling runs HF's generate, where a batch ends when all its rows have.
+    max_new_tokens), e.g. once it has stated its answer. Finished rows leave their batch (decode_ids).
+    Sampling draws from one generator seeded with `seed`, so a rerun samples the same texts.
     """
     from tqdm.auto import tqdm
-    from transformers import StoppingCriteriaList
 
     encoded = [prompt_ids(tokenizer, p, as_user_turn=as_user_turn) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -104,7 +103,7 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress or len(encoded) < 2)
     done = (lambda ids: stop_when(tokenizer.decode(ids, skip_special_tokens=True))) if stop_when else None
     for start in range(0, len(order), batch_size):
@@ -117,16 +116,9 @@ def generate_texts(model, tokenizer, prompts, *, max_new_tokens: int = 128, batc
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
-        if temperature > 0:
-            criteria = StoppingCriteriaList([_StopWhen(stop_when, tokenizer, width)] if stop_when else [])
-            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                       temperature=temperature, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                       eos_token_id=tokenizer.eos_token_id, stopping_criteria=criteria)
-            new_ids = [generated[row, width:] for row in range(len(chunk))]
-            bar.update(len(chunk))
-        else:
-            new_ids = greedy_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, done=done, on_finished=bar.update)
+        new_ids = decode_ids(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, temperature=temperature, generator=generator,
+                             done=done, on_finished=bar.update)
         for row, i in enumerate(chunk):
             outputs[i] = tokenizer.decode(new_ids[row], skip_special_tokens=True).strip()
     bar.close()
