@@ -4,6 +4,8 @@ How each number is computed is in bench.py's docstring; the FLOPs rule in bench_
 
 from __future__ import annotations
 
+import math
+
 import statistics
 from pathlib import Path
 
@@ -225,7 +227,7 @@ def print_curves(loss: str, by_precision: dict, curve_batch: int) -> None:
             shown = []
             for key, name in (("chosen_delta", "chosen delta"), ("margin_nats", "margin")):
                 a, b = check[key]["fp32"], check[key]["other"]
-                if a is not None and b is not None:
+                if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):  # sft: no reference
                     ok = "ok" if within_tolerance(a, b) else "OUT"
                     shown.append(f"{name} {b:+.3f} (fp32 {a:+.3f}, {ok})")
             if shown:
