@@ -5,7 +5,6 @@ How each number is computed is in bench.py's docstring; the FLOPs rule in bench_
 from __future__ import annotations
 
 import math
-
 import statistics
 from pathlib import Path
 
